@@ -1,0 +1,55 @@
+"""Engine configuration: one frozen dataclass, filled from flags or by the Python API."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+
+
+def bundled_model_dir() -> Path:
+    """The `esp-tiny` checkpoint shipped inside the package."""
+    return Path(str(files("esp.engine") / "models" / "esp-tiny"))
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """`kv_tokens_per_instance=None` sizes each pool from free memory; `threads_per_instance=None`
+    splits the CPU cores evenly (at least one each)."""
+
+    model: str | None = None
+    instances: int = 1
+    device: str = "cpu"
+    dtype: str = "auto"
+    kv_tokens_per_instance: int | None = None
+    threads_per_instance: int | None = None
+    policy: str = "loong"
+    scheduling: str | None = None
+    batching: str | None = None
+    scaling: str | None = None
+    max_prefill_tokens: int = 16384
+    max_batch_size: int = 256
+    policy_options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.instances < 1:
+            raise ValueError(f"instances must be at least 1, got {self.instances}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+        if self.dtype not in ("auto", "float32", "float64", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, float64, bfloat16 or float16, got {self.dtype!r}")
+        if self.kv_tokens_per_instance is not None and self.kv_tokens_per_instance < 1:
+            raise ValueError("kv-tokens-per-instance must be positive")
+        if self.threads_per_instance is not None and self.threads_per_instance < 1:
+            raise ValueError("threads-per-instance must be positive")
+
+    @property
+    def model_dir(self) -> Path:
+        return Path(self.model) if self.model else bundled_model_dir()
+
+    @property
+    def threads(self) -> int:
+        return self.threads_per_instance or max(1, (os.cpu_count() or 1) // self.instances)
+
+    def instance_device(self, rank: int) -> str:
+        return f"cuda:{rank}" if self.device == "cuda" else "cpu"

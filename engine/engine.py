@@ -1,0 +1,217 @@
+"""The asyncio engine: `generate()` streams a request's outputs; one loop runs
+schedule -> execute -> update, each group's step as its own task (DESIGN 3, 5)."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import uuid
+from typing import AsyncIterator
+
+from esp.engine.backend import BackendError, WorkerGroup
+from esp.engine.config import EngineConfig
+from esp.engine.kv_pool import KVPool
+from esp.engine.model_config import ModelConfig
+from esp.engine.outputs import RequestOutput
+from esp.engine.protocol import Step
+from esp.engine.request import Request
+from esp.engine.sampling_params import SamplingParams
+from esp.engine.scheduler import Scheduler
+from esp.engine.tokenizer import Tokenizer
+from esp.engine.worker import WorkerSpec
+from esp.engine.backend import free_port
+from esp.policies import PolicyOptions, load_policy_set
+
+log = logging.getLogger("esp.engine")
+_LONG_TEXT = 8192
+
+
+class Engine:
+    """Use as `async with Engine(config) as engine:`; then `async for out in engine.generate(...)`."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_config = ModelConfig.from_dir(config.model_dir)
+        self.policies = load_policy_set(
+            config.policy, PolicyOptions(config.max_prefill_tokens, config.max_batch_size, config.policy_options),
+            scheduling=config.scheduling, batching=config.batching, scaling=config.scaling)
+        self.tokenizer: Tokenizer | None = None
+        self.backend: WorkerGroup | None = None
+        self.scheduler: Scheduler | None = None
+        self._queues: dict[int, asyncio.Queue] = {}
+        self._ids: dict[str, int] = {}
+        self._counter = itertools.count(1)
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
+        self._loop_task: asyncio.Task | None = None
+
+    @property
+    def model_name(self) -> str:
+        return self.config.model_dir.name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.model_config.max_position_embeddings
+
+    async def start(self) -> Engine:
+        loop = asyncio.get_running_loop()
+        self.tokenizer = await loop.run_in_executor(None, Tokenizer.from_dir, self.config.model_dir)
+        init = f"tcp://127.0.0.1:{free_port()}"
+        slots = self.config.kv_tokens_per_instance or self._auto_kv_slots()
+        specs = [WorkerSpec(rank, self.config.instances, str(self.config.model_dir),
+                            self.config.instance_device(rank), self.config.dtype, slots,
+                            self.config.threads, init) for rank in range(self.config.instances)]
+        self.backend = WorkerGroup(specs)
+        await self.backend.start()
+        self.scheduler = Scheduler(self.policies, self.backend.kv_slots)
+        self._loop_task = asyncio.create_task(self._run(), name="esp-engine-loop")
+        return self
+
+    async def stop(self) -> None:
+        if self._loop_task:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        if self.scheduler:
+            for rid in list(self.scheduler.requests):
+                req = self.scheduler.requests[rid]
+                req.finish("abort", "engine stopped")
+                self._deliver([req])
+        if self.backend:
+            await self.backend.shutdown()
+
+    async def __aenter__(self) -> Engine:
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    # -- requests -----------------------------------------------------------------------
+    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream outputs until the request finishes. Raises ValueError for bad input; closing
+        the iterator early aborts the request."""
+        params = params or SamplingParams()
+        ids = await self.encode(prompt)
+        req = self._make_request(ids, params, request_id)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[req.id] = queue
+        self._ids[req.external_id] = req.id
+        try:
+            self.scheduler.add(req)
+        except ValueError:
+            self._forget(req)
+            raise
+        self._wake.set()
+        try:
+            while True:
+                out: RequestOutput = await queue.get()
+                yield out
+                if out.finished:
+                    return
+        finally:
+            if req.finish_reason is None:
+                self.abort(req.external_id)
+            self._forget(req)
+
+    async def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            if len(prompt) > _LONG_TEXT:
+                return await asyncio.get_running_loop().run_in_executor(None, self.tokenizer.encode, prompt)
+            return self.tokenizer.encode(prompt)
+        if not isinstance(prompt, list) or not prompt:
+            raise ValueError("prompt must be a non-empty string or a non-empty list of token ids")
+        vocab = self.model_config.vocab_size
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in prompt):
+            raise ValueError(f"token ids must be integers in [0, {vocab})")
+        return list(prompt)
+
+    def abort(self, request_id: str) -> bool:
+        rid = self._ids.get(request_id)
+        if rid is None or self.scheduler is None:
+            return False
+        req = self.scheduler.abort(rid)
+        if req is not None:
+            self._deliver([req])
+        self._flush_releases()
+        self._wake.set()
+        return True
+
+    def _make_request(self, ids: list[int], params: SamplingParams, request_id: str | None) -> Request:
+        if self.backend is None or self.scheduler is None:
+            raise RuntimeError("engine is not started")
+        if self.backend.dead:
+            raise RuntimeError(f"engine backend is down: {self.backend.dead}")
+        limit = self.max_model_len
+        if len(ids) + params.max_tokens > limit:
+            raise ValueError(f"this model's maximum context length is {limit} tokens, but {len(ids)} prompt "
+                             f"tokens plus max_tokens={params.max_tokens} were requested")
+        external = request_id or f"cmpl-{uuid.uuid4().hex}"
+        if external in self._ids:
+            raise ValueError(f"request id {external!r} is already in use")
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        return Request(next(self._counter), external, ids, params, seed, self.tokenizer.eos_token_ids,
+                       self.tokenizer.detokenizer(ids))
+
+    def _forget(self, req: Request) -> None:
+        self._queues.pop(req.id, None)
+        self._ids.pop(req.external_id, None)
+
+    # -- loop ---------------------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            steps, failed = self.scheduler.schedule()
+            self._deliver(failed)
+            self._flush_releases()
+            for step in steps:
+                task = asyncio.create_task(self._execute(step))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            await self._wake.wait()
+            self._wake.clear()
+
+    async def _execute(self, step: Step) -> None:
+        try:
+            result = await self.backend.run(step)
+            touched = self.scheduler.complete(step.step_id, result.sampled)
+        except BackendError as err:
+            log.error("step %d on %s failed: %s", step.step_id, step.group, err)
+            touched = self.scheduler.fail(step.step_id, str(err))
+        self._deliver(touched)
+        self._flush_releases()
+        self._wake.set()
+
+    def _deliver(self, requests: list[Request]) -> None:
+        for req in requests:
+            queue = self._queues.get(req.id)
+            if queue is not None:
+                queue.put_nowait(req.take_output())
+
+    def _flush_releases(self) -> None:
+        for rank, ids in self.scheduler.take_releases().items():
+            self.backend.release(rank, tuple(ids))
+
+    def _auto_kv_slots(self) -> int:
+        cfg = self.model_config
+        per_slot = KVPool.bytes_per_slot(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
+                                         _dtype_of(self.config.dtype))
+        budget = _available_memory() * 0.3 / self.config.instances
+        return max(1024, min(int(budget // per_slot), 4 * cfg.max_position_embeddings))
+
+
+def _dtype_of(name: str):
+    import torch
+    return {"float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30

@@ -1,0 +1,92 @@
+"""Token-granular KV storage (DESIGN 4.2).
+
+`SlotAllocator` is the main process's mirror of one instance's free slots: plans name the
+exact slots to write. `KVPool` is the tensor storage inside a worker, and `SlotList` a
+request's local slots there, grown in place.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+class OutOfSlots(RuntimeError):
+    pass
+
+
+class SlotAllocator:
+    """Free list of one instance's pool: a contiguous run first, else the lowest free slots."""
+
+    def __init__(self, num_slots: int) -> None:
+        self.num_slots = num_slots
+        self._free = np.ones(num_slots, dtype=bool)
+        self.num_free = num_slots
+
+    def allocate(self, n: int) -> list[int]:
+        if n > self.num_free:
+            raise OutOfSlots(f"asked for {n} slots, {self.num_free} free")
+        if n == 0:
+            return []
+        if n == 1:
+            slots = np.array([int(np.argmax(self._free))])
+        else:
+            start = self._first_run(n)
+            slots = np.arange(start, start + n) if start >= 0 else np.flatnonzero(self._free)[:n]
+        self._free[slots] = False
+        self.num_free -= n
+        return slots.tolist()
+
+    def free(self, slots: list[int]) -> None:
+        if not slots:
+            return
+        idx = np.asarray(slots, dtype=np.int64)
+        if self._free[idx].any() or len(np.unique(idx)) != len(idx):
+            raise RuntimeError("double free of KV slots")
+        self._free[idx] = True
+        self.num_free += len(idx)
+
+    def _first_run(self, n: int) -> int:
+        padded = np.concatenate(([False], self._free, [False])).astype(np.int8)
+        edges = np.flatnonzero(np.diff(padded))
+        starts, ends = edges[0::2], edges[1::2]
+        fits = np.flatnonzero(ends - starts >= n)
+        return int(starts[fits[0]]) if len(fits) else -1
+
+
+class KVPool:
+    """Per-instance K and V storage: `k[layer]`, `v[layer]` are `[num_slots, kv_heads, head_dim]`."""
+
+    def __init__(self, num_layers: int, num_slots: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        shape = (num_layers, num_slots, kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_slots = num_slots
+
+    @staticmethod
+    def bytes_per_slot(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+class SlotList:
+    """A request's slots on this instance, in position order, appended without re-copying."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._buf = torch.empty(16, dtype=torch.int64, device=device)
+        self._len = 0
+
+    def extend(self, slots: list[int] | torch.Tensor) -> None:
+        new = torch.as_tensor(slots, dtype=torch.int64).to(self._buf.device)
+        need = self._len + len(new)
+        if need > len(self._buf):
+            grown = torch.empty(max(need, 2 * len(self._buf)), dtype=torch.int64, device=self._buf.device)
+            grown[: self._len] = self._buf[: self._len]
+            self._buf = grown
+        self._buf[self._len: need] = new
+        self._len = need
+
+    def tensor(self) -> torch.Tensor:
+        return self._buf[: self._len]
+
+    def __len__(self) -> int:
+        return self._len

@@ -1,0 +1,111 @@
+"""Messages between the main process and the workers (DESIGN 3).
+
+Small picklable dataclasses holding lists, never tensors. A request's prompt travels once,
+with its prefill; decode steps carry one token id and one slot per request.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from esp.engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """Everything a master needs to draw output token number `index` of a request."""
+
+    params: SamplingParams
+    seed: int
+    index: int
+
+
+@dataclass(frozen=True)
+class KeepRange:
+    """Tokens at global positions `[start, end)` of a request stay on `rank`, in `slots`."""
+
+    rank: int
+    start: int
+    end: int
+    slots: list[int]
+
+
+@dataclass(frozen=True)
+class PrefillSeq:
+    request_id: int
+    token_ids: list[int]
+    keep: tuple[KeepRange, ...]
+    sample: SampleSpec
+
+
+@dataclass(frozen=True)
+class PrefillBatch:
+    """Striped prefill of `seqs` on `group`: global token g lives on `group[g % len(group)]`."""
+
+    step_id: int
+    group: tuple[int, ...]
+    seqs: tuple[PrefillSeq, ...]
+
+
+@dataclass(frozen=True)
+class DecodeSeq:
+    """One decode token: `master` embeds `token_id` at `position`, stores its KV in `slot`.
+
+    `holders` are the ranks (master included) that hold KV of this request after the store.
+    """
+
+    request_id: int
+    token_id: int
+    position: int
+    master: int
+    slot: int
+    holders: tuple[int, ...]
+    sample: SampleSpec
+
+
+@dataclass(frozen=True)
+class DecodeBatch:
+    step_id: int
+    group: tuple[int, ...]
+    seqs: tuple[DecodeSeq, ...]
+
+
+@dataclass(frozen=True)
+class Release:
+    """Forget these requests' local slot lists (the main process already freed the slots)."""
+
+    request_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    pass
+
+
+@dataclass(frozen=True)
+class Ready:
+    rank: int
+    kv_slots: int
+    device: str
+    dtype: str
+
+
+@dataclass(frozen=True)
+class StepDone:
+    """One group member's part of a step: the tokens it sampled, and where its time went."""
+
+    step_id: int
+    rank: int
+    sampled: dict[int, int]
+    compute_s: float
+    comm_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class WorkerFailed:
+    rank: int
+    step_id: int | None
+    message: str
+    traceback: str = ""
+
+
+Step = PrefillBatch | DecodeBatch

@@ -1,0 +1,249 @@
+"""The control plane (DESIGN 5): queues, KV placement, policies in, validated plans out.
+
+`schedule()` asks the policies for decisions on the idle instances, validates them,
+allocates the slots they need and returns the steps to run; `complete()` applies a step's
+sampled tokens. The scheduler is plain synchronous code, testable on CPU with hand-made
+`StepResult`s.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from esp.engine.kv_pool import SlotAllocator
+from esp.engine.protocol import (DecodeBatch, DecodeSeq, KeepRange, PrefillBatch, PrefillSeq, SampleSpec,
+                                 Step)
+from esp.engine.request import Request, Status
+from esp.engine.validation import PolicyViolation, check_decode, check_dispatch, check_keep_plan
+from esp.policies.base import Batch, ClusterView, PolicySet, RequestView
+
+
+@dataclass(frozen=True)
+class InFlight:
+    step: Step
+    request_ids: tuple[int, ...]
+
+
+class Scheduler:
+    def __init__(self, policies: PolicySet, kv_slots: list[int], clock=time.monotonic) -> None:
+        self.policies = policies
+        self.allocators = [SlotAllocator(n) for n in kv_slots]
+        self.clock = clock
+        self.requests: dict[int, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.busy: set[int] = set()
+        self.in_flight: dict[int, InFlight] = {}
+        self.releases: dict[int, list[int]] = {}
+        self._next_step = 0
+
+    # -- intake -------------------------------------------------------------------------
+    def add(self, req: Request) -> None:
+        total = sum(a.num_slots for a in self.allocators)
+        if len(req.prompt_ids) + 1 > total:
+            raise ValueError(f"prompt of {len(req.prompt_ids)} tokens does not fit in the KV pools "
+                             f"of all instances ({total} slots)")
+        self.requests[req.id] = req
+        self.waiting.append(req)
+
+    def abort(self, request_id: int) -> Request | None:
+        """Abort now if the request is not in a step; else when its step completes."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        if req.in_flight:
+            req.abort_requested = True
+            return None
+        if req.status is Status.WAITING:
+            self.waiting.remove(req)
+        self._finish(req, "abort")
+        return req
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.requests)
+
+    # -- schedule -----------------------------------------------------------------------
+    def view(self) -> ClusterView:
+        now = self.clock()
+        running = tuple(self._view(r, now) for r in self.requests.values()
+                        if r.status is Status.RUNNING and not r.in_flight)
+        return ClusterView(
+            now=now, capacity=tuple(a.num_slots for a in self.allocators),
+            free_slots=tuple(a.num_free for a in self.allocators),
+            idle=frozenset(range(len(self.allocators))) - self.busy,
+            waiting=tuple(self._view(r, now) for r in self.waiting), running=running)
+
+    @staticmethod
+    def _view(r: Request, now: float) -> RequestView:
+        return RequestView(r.id, r.arrival, len(r.all_ids) if r.status is Status.WAITING else len(r.prompt_ids),
+                           len(r.output_ids), r.params.max_tokens,
+                           MappingProxyType({k: len(v) for k, v in r.placement.items()}))
+
+    def schedule(self) -> tuple[list[Step], list[Request]]:
+        """Steps to run now, and requests that failed because a policy broke a rule."""
+        steps: list[Step] = []
+        failed: list[Request] = []
+        if self.waiting and len(self.busy) < len(self.allocators):
+            steps += self._guard(self._schedule_prefill, failed)
+        if len(self.busy) < len(self.allocators):
+            steps += self._guard(self._schedule_decode, failed)
+        return steps, failed
+
+    def _guard(self, fn, failed: list[Request]) -> list[Step]:
+        try:
+            return fn()
+        except PolicyViolation as err:
+            for rid in err.request_ids:
+                req = self.requests.get(rid)
+                if req is not None and not req.in_flight:
+                    if req.status is Status.WAITING:
+                        self.waiting.remove(req)
+                    self._finish(req, "error", str(err))
+                    failed.append(req)
+            return []
+
+    def _schedule_prefill(self) -> list[Step]:
+        view = self.view()
+        p = self.policies
+        dispatch = p.scheduling.dispatch(view)
+        if not dispatch.request_ids:
+            return []
+        check_dispatch(p.scheduling, view, dispatch)
+        batches = p.batching.prefill_batches(view, dispatch)
+        plans = [(b, p.scaling.keep_plan(view, b)) for b in batches]
+        for batch, plan in plans:
+            check_keep_plan(p, view, dispatch, batch, plan, [b for b, _ in plans])
+        return [self._prefill_step(batch, plan.ranges) for batch, plan in plans]
+
+    def _prefill_step(self, batch: Batch, ranges) -> PrefillBatch:
+        seqs = []
+        for rid in batch.request_ids:
+            req = self.requests[rid]
+            self.waiting.remove(req)
+            req.status, req.in_flight = Status.RUNNING, True
+            keep, start = [], 0
+            for rank, n in ranges[rid]:
+                slots = self.allocators[rank].allocate(n)
+                req.placement.setdefault(rank, []).extend(slots)
+                keep.append(KeepRange(rank, start, start + n, slots))
+                start += n
+            req.esp["prefill"].append({"group": list(batch.group),
+                                       "keep": {str(r): n for r, n in ranges[rid]}})
+            seqs.append(PrefillSeq(rid, req.all_ids, tuple(keep), self._sample_spec(req)))
+        return self._launch(PrefillBatch(self._step_id(), batch.group, tuple(seqs)), batch)
+
+    def _schedule_decode(self) -> list[Step]:
+        view = self.view()
+        if not view.running:
+            return []
+        p = self.policies
+        steps = []
+        batches = p.batching.decode_batches(view, view.idle)
+        for batch in batches:
+            plan = p.scaling.decode_plan(view, batch)
+            check_decode(p, view, batch, plan, batches)
+            if not plan.masters:
+                continue
+            steps.append(self._decode_step(batch, plan))
+            view = self.view()
+        if not steps and not self.in_flight and view.running:
+            self._preempt_newest()
+        return steps
+
+    def _decode_step(self, batch: Batch, plan) -> DecodeBatch:
+        seqs = []
+        for rid in batch.request_ids:
+            if rid not in plan.masters:
+                continue
+            req, master = self.requests[rid], plan.masters[rid]
+            slot = self.allocators[master].allocate(1)[0]
+            position = req.num_kv
+            if master not in req.placement:
+                req.esp["scale_events"].append({"kind": "scale_up", "rank": master, "at_token": position})
+            slots = req.placement.pop(master, [])
+            slots.append(slot)
+            req.placement[master] = slots
+            req.in_flight = True
+            key = tuple(plan.group)
+            req.esp["decode_groups"][key] = req.esp["decode_groups"].get(key, 0) + 1
+            req.esp["masters"][str(master)] = req.esp["masters"].get(str(master), 0) + 1
+            seqs.append(DecodeSeq(rid, req.output_ids[-1], position, master, slot,
+                                  tuple(req.placement), self._sample_spec(req)))
+        return self._launch(DecodeBatch(self._step_id(), tuple(plan.group), tuple(seqs)),
+                            Batch(tuple(s.request_id for s in seqs), tuple(plan.group)))
+
+    def _preempt_newest(self) -> None:
+        """Last resort when no running request can get a slot: recompute the newest later."""
+        victim = max((r for r in self.requests.values() if r.status is Status.RUNNING and not r.in_flight),
+                     key=lambda r: r.arrival)
+        self._free(victim)
+        victim.status = Status.WAITING
+        victim.esp["preemptions"] += 1
+        self.waiting.appendleft(victim)
+
+    # -- update -------------------------------------------------------------------------
+    def complete(self, step_id: int, sampled: dict[int, int]) -> list[Request]:
+        """Apply a finished step. Returns the requests that got a token or ended."""
+        flight = self.in_flight.pop(step_id)
+        self.busy -= set(flight.step.group)
+        touched = []
+        for rid in flight.request_ids:
+            req = self.requests[rid]
+            req.in_flight = False
+            if req.abort_requested:
+                self._finish(req, "abort")
+            elif rid in sampled:
+                req.append(sampled[rid])
+                if req.finish_reason:
+                    self._finish(req, req.finish_reason)
+            else:
+                self._finish(req, "error", f"step {step_id} returned no token for this request")
+            touched.append(req)
+        return touched
+
+    def fail(self, step_id: int, message: str) -> list[Request]:
+        """A step failed in the backend: its requests end with the error, their slots freed."""
+        flight = self.in_flight.pop(step_id)
+        self.busy -= set(flight.step.group)
+        touched = []
+        for rid in flight.request_ids:
+            req = self.requests[rid]
+            req.in_flight = False
+            self._finish(req, "error", message)
+            touched.append(req)
+        return touched
+
+    # -- helpers ------------------------------------------------------------------------
+    def _launch(self, step: Step, batch: Batch) -> Step:
+        self.busy |= set(step.group)
+        self.in_flight[step.step_id] = InFlight(step, batch.request_ids)
+        return step
+
+    def _step_id(self) -> int:
+        self._next_step += 1
+        return self._next_step
+
+    @staticmethod
+    def _sample_spec(req: Request) -> SampleSpec:
+        return SampleSpec(req.params, req.seed, len(req.output_ids))
+
+    def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
+        if not req.finish_reason:
+            req.finish(reason, error)
+        self._free(req)
+        self.requests.pop(req.id, None)
+
+    def _free(self, req: Request) -> None:
+        for rank, slots in req.placement.items():
+            self.allocators[rank].free(slots)
+            self.releases.setdefault(rank, []).append(req.id)
+        req.placement = {}
+
+    def take_releases(self) -> dict[int, list[int]]:
+        out, self.releases = self.releases, {}
+        return out
+
+    def free_slots(self) -> list[int]:
+        return [a.num_free for a in self.allocators]

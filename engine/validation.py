@@ -1,0 +1,80 @@
+"""Rules every policy decision must keep (DESIGN 5). A broken rule raises `PolicyViolation`
+naming the policy and the rule, before any engine state changes."""
+from __future__ import annotations
+
+from esp.policies.base import Batch, ClusterView, DecodePlan, Dispatch, KeepPlan, PolicySet
+
+
+class PolicyViolation(RuntimeError):
+    def __init__(self, policy: object, rule: str, request_ids=()) -> None:
+        name = type(policy).__name__
+        super().__init__(f"policy {name} broke a rule: {rule}")
+        self.policy, self.rule, self.request_ids = name, rule, tuple(request_ids)
+
+
+def _require(ok: bool, policy: object, rule: str, request_ids=()) -> None:
+    if not ok:
+        raise PolicyViolation(policy, rule, request_ids)
+
+
+def check_dispatch(policy: object, view: ClusterView, d: Dispatch) -> None:
+    waiting = {r.request_id for r in view.waiting}
+    ids = d.request_ids
+    _require(len(set(ids)) == len(ids), policy, "a request is dispatched twice", ids)
+    _require(set(ids) <= waiting, policy, "dispatched a request that is not waiting", ids)
+    _require(set(d.instances) <= view.idle, policy,
+             f"dispatched onto busy instances {sorted(set(d.instances) - view.idle)}", ids)
+    _require(bool(d.instances), policy, "dispatched requests onto no instance", ids)
+
+
+def check_groups(policy: object, view: ClusterView, groups: list[tuple[int, ...]], ids) -> None:
+    seen: set[int] = set()
+    for g in groups:
+        _require(len(g) > 0 and len(set(g)) == len(g), policy, f"group {g} is empty or repeats an instance", ids)
+        _require(set(g) <= view.idle, policy, f"group {g} uses busy instances {sorted(set(g) - view.idle)}", ids)
+        _require(not (seen & set(g)), policy, f"groups overlap on instances {sorted(seen & set(g))}", ids)
+        seen |= set(g)
+
+
+def check_keep_plan(p: PolicySet, view: ClusterView, d: Dispatch, batch: Batch, plan: KeepPlan,
+                    batches: list[Batch]) -> None:
+    ids = d.request_ids
+    covered = [rid for b in batches for rid in b.request_ids]
+    _require(sorted(covered) == sorted(ids), p.batching,
+             "prefill batches must hold every dispatched request exactly once", ids)
+    _require(set(batch.group) <= set(d.instances), p.batching,
+             f"prefill group {batch.group} leaves the dispatched instances {d.instances}", ids)
+    check_groups(p.batching, view, [b.group for b in batches], ids)
+    by_id = {r.request_id: r for r in view.waiting}
+    use = dict.fromkeys(range(view.num_instances), 0)
+    for rid in batch.request_ids:
+        parts = plan.ranges.get(rid)
+        _require(parts is not None, p.scaling, f"keep plan misses request {rid}", ids)
+        _require(all(n > 0 and rank in batch.group for rank, n in parts), p.scaling,
+                 f"keep plan of request {rid} keeps tokens outside group {batch.group} or empty ranges", ids)
+        _require(sum(n for _, n in parts) == by_id[rid].prompt_len, p.scaling,
+                 f"keep plan of request {rid} covers {sum(n for _, n in parts)} of "
+                 f"{by_id[rid].prompt_len} prompt tokens", ids)
+        for rank, n in parts:
+            use[rank] += n
+    over = [r for r, n in use.items() if n > view.free_slots[r]]
+    _require(not over, p.scaling, f"keep plan exceeds the free slots of instances {over}", ids)
+
+
+def check_decode(p: PolicySet, view: ClusterView, batch: Batch, plan: DecodePlan, batches: list[Batch]) -> None:
+    ids = batch.request_ids
+    running = {r.request_id: r for r in view.running}
+    _require(len(set(ids)) == len(ids) and set(ids) <= set(running), p.batching,
+             "decode batch names a request twice or one that is not running", ids)
+    check_groups(p.batching, view, [b.group for b in batches], ids)
+    _require(set(batch.group) <= set(plan.group), p.scaling, "decode plan drops instances of the batch", ids)
+    check_groups(p.scaling, view, [plan.group], ids)
+    _require(set(plan.masters) <= set(ids), p.scaling, "a master is given to a request outside the batch", ids)
+    need = dict.fromkeys(range(view.num_instances), 0)
+    for rid, master in plan.masters.items():
+        _require(master in plan.group, p.scaling, f"master {master} of request {rid} is outside the group", ids)
+        _require(set(running[rid].kv_tokens) <= set(plan.group), p.scaling,
+                 f"request {rid} has KV outside decode group {plan.group}", ids)
+        need[master] += 1
+    over = [r for r, n in need.items() if n > view.free_slots[r]]
+    _require(not over, p.scaling, f"masters exceed the free slots of instances {over}", ids)

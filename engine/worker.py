@@ -1,0 +1,133 @@
+"""One instance: a worker process holding a model replica and its KV pool (DESIGN 3).
+
+Workers never decide. They execute the steps the main process sends, in order, and
+answer each with a `StepDone` (or a `WorkerFailed`). The loop dispatches on message type.
+"""
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from functools import singledispatchmethod
+
+import torch
+
+from esp.engine.attention import DistributedDecode, StripedPrefill
+from esp.engine.comm import PeerComm
+from esp.engine.kv_pool import KVPool, SlotList
+from esp.engine.protocol import (DecodeBatch, PrefillBatch, Ready, Release, SampleSpec, Shutdown,
+                                 StepDone, WorkerFailed)
+from esp.engine.sampling import sample_tokens
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What one worker process needs to start (picklable, sent at spawn)."""
+
+    rank: int
+    world_size: int
+    model_dir: str
+    device: str
+    dtype: str
+    kv_slots: int
+    threads: int
+    dist_init: str
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec) -> None:
+        from esp.engine.loader import load_model, resolve_dtype
+
+        self.spec = spec
+        self.rank = spec.rank
+        self.device = torch.device(spec.device)
+        self.model = load_model(spec.model_dir, resolve_dtype(spec.dtype, self.device), self.device)
+        cfg = self.model.config
+        self.pool = KVPool(cfg.num_hidden_layers, spec.kv_slots, cfg.num_key_value_heads, cfg.head_dim,
+                           next(self.model.parameters()).dtype, self.device)
+        self.local: dict[int, SlotList] = {}
+        self.comm = PeerComm(self.rank)
+
+    @singledispatchmethod
+    def handle(self, msg: object) -> object:
+        raise TypeError(f"worker {self.rank}: unknown message {type(msg).__name__}")
+
+    @handle.register
+    def _(self, msg: PrefillBatch) -> StepDone:
+        t0 = time.perf_counter()
+        ctx = StripedPrefill(msg, self.rank, self.pool, self.comm, self.device)
+        ids = torch.tensor([t for s in msg.seqs for t in s.token_ids[ctx.index::len(msg.group)]],
+                           dtype=torch.int64, device=self.device)
+        for s in msg.seqs:
+            for kr in s.keep:
+                if kr.rank == self.rank:
+                    self.local.setdefault(s.request_id, SlotList(self.device)).extend(kr.slots)
+        with torch.inference_mode():
+            hidden = self.model(ids, ctx.positions, ctx)
+            owned = [s for s in msg.seqs if s.request_id in ctx.last_rows]
+            rows = torch.tensor([ctx.last_rows[s.request_id] for s in owned], dtype=torch.int64,
+                                device=self.device)
+            sampled = self._sample(hidden[rows], [s.request_id for s in owned], [s.sample for s in owned])
+        return self._done(msg.step_id, sampled, t0)
+
+    @handle.register
+    def _(self, msg: DecodeBatch) -> StepDone:
+        t0 = time.perf_counter()
+        ctx = DistributedDecode(msg, self.rank, self.pool, self.local, self.comm, self.device)
+        with torch.inference_mode():
+            hidden = self.model(ctx.input_ids, ctx.positions, ctx)
+            sampled = self._sample(hidden, [s.request_id for s in ctx.mine], [s.sample for s in ctx.mine])
+        return self._done(msg.step_id, sampled, t0)
+
+    @handle.register
+    def _(self, msg: Release) -> None:
+        for rid in msg.request_ids:
+            self.local.pop(rid, None)
+
+    def _sample(self, hidden: torch.Tensor, request_ids: list[int], specs: list[SampleSpec]) -> dict[int, int]:
+        if not request_ids:
+            return {}
+        tokens = sample_tokens(self.model.compute_logits(hidden), specs)
+        return dict(zip(request_ids, tokens))
+
+    def _done(self, step_id: int, sampled: dict[int, int], t0: float) -> StepDone:
+        comm_s = self.comm.end_step()
+        return StepDone(step_id, self.rank, sampled, time.perf_counter() - t0 - comm_s, comm_s)
+
+
+def worker_main(spec: WorkerSpec, conn) -> None:
+    """Entry point of a worker process: set up, announce `Ready`, then serve messages until `Shutdown`."""
+    torch.set_num_threads(spec.threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(spec.threads))
+    try:
+        if spec.world_size > 1:
+            import torch.distributed as dist
+            backend = "nccl" if spec.device.startswith("cuda") else "gloo"
+            if spec.device.startswith("cuda"):
+                torch.cuda.set_device(torch.device(spec.device))
+            dist.init_process_group(backend, init_method=spec.dist_init, rank=spec.rank,
+                                    world_size=spec.world_size)
+        worker = Worker(spec)
+    except Exception as exc:
+        conn.send(WorkerFailed(spec.rank, None, f"worker {spec.rank} failed to start: {exc}",
+                               traceback.format_exc()))
+        return
+    conn.send(Ready(spec.rank, spec.kv_slots, spec.device, str(worker.pool.k.dtype)))
+    while True:
+        try:
+            msg = conn.recv()
+        except EOFError:
+            break
+        if isinstance(msg, Shutdown):
+            break
+        try:
+            reply = worker.handle(msg)
+        except Exception as exc:
+            reply = WorkerFailed(spec.rank, getattr(msg, "step_id", None),
+                                 f"worker {spec.rank}: {type(exc).__name__}: {exc}", traceback.format_exc())
+        if reply is not None:
+            conn.send(reply)
+    if spec.world_size > 1:
+        import torch.distributed as dist
+        dist.destroy_process_group()

@@ -1,0 +1,143 @@
+"""The plug-in surface (DESIGN 6): a read-only view in, decision dataclasses out.
+
+Policies are pure: they read a `ClusterView` and return decisions; the `Scheduler`
+validates every decision before it touches engine state.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, ClassVar, Mapping
+
+
+@dataclass(frozen=True)
+class RequestView:
+    """A request as policies see it. `prompt_len` is what its prefill processes (the prompt,
+    plus already generated tokens after a recompute preemption); `kv_tokens` maps rank to
+    KV tokens held there (empty while waiting)."""
+
+    request_id: int
+    arrival_s: float
+    prompt_len: int
+    output_len: int
+    max_tokens: int
+    kv_tokens: Mapping[int, int] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def context_len(self) -> int:
+        return sum(self.kv_tokens.values())
+
+    @property
+    def max_kv_tokens(self) -> int:
+        """Upper bound of the KV this request can ever hold."""
+        return self.prompt_len + self.max_tokens - self.output_len
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    """What the scheduler knows, frozen for one decision. `idle` instances run no step now;
+    `running` lists decoding requests that are not in a step now."""
+
+    now: float
+    capacity: tuple[int, ...]
+    free_slots: tuple[int, ...]
+    idle: frozenset[int]
+    waiting: tuple[RequestView, ...]
+    running: tuple[RequestView, ...]
+    cost_model: Any = None
+
+    @property
+    def num_instances(self) -> int:
+        return len(self.capacity)
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """Waiting requests to prefill now, and the idle instances they may use."""
+
+    request_ids: tuple[int, ...] = ()
+    instances: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Requests that run one step together on `group` (prefill or decode)."""
+
+    request_ids: tuple[int, ...]
+    group: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class KeepPlan:
+    """Scale-down target of a prefill batch: for each request, `(rank, tokens)` pairs that
+    cover its prompt in order with contiguous ranges."""
+
+    ranges: Mapping[int, tuple[tuple[int, int], ...]]
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """The group that runs a decode batch (every KV holder, plus scale-up instances) and the
+    master of each request."""
+
+    group: tuple[int, ...]
+    masters: Mapping[int, int]
+
+
+@dataclass(frozen=True)
+class PolicyOptions:
+    """Knobs a bundle may read. Unknown policies ignore what they do not use."""
+
+    max_prefill_tokens: int = 16384
+    max_batch_size: int = 256
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+class SchedulingPolicy(ABC):
+    """Which waiting requests start prefill now, on which idle instances."""
+
+    def __init__(self, options: PolicyOptions) -> None:
+        self.options = options
+
+    @abstractmethod
+    def dispatch(self, view: ClusterView) -> Dispatch: ...
+
+
+class BatchingPolicy(ABC):
+    """How dispatched requests split into prefill batches, and running ones into decode batches."""
+
+    def __init__(self, options: PolicyOptions) -> None:
+        self.options = options
+
+    @abstractmethod
+    def prefill_batches(self, view: ClusterView, dispatch: Dispatch) -> list[Batch]: ...
+
+    @abstractmethod
+    def decode_batches(self, view: ClusterView, instances: frozenset[int]) -> list[Batch]: ...
+
+
+class ScalingPolicy(ABC):
+    """Scale-down after prefill (keep plans) and scale-up of decode (groups and masters)."""
+
+    def __init__(self, options: PolicyOptions) -> None:
+        self.options = options
+
+    @abstractmethod
+    def keep_plan(self, view: ClusterView, batch: Batch) -> KeepPlan: ...
+
+    @abstractmethod
+    def decode_plan(self, view: ClusterView, batch: Batch) -> DecodePlan: ...
+
+
+@dataclass(frozen=True)
+class PolicySet:
+    """A named bundle of the three kinds, as `esp-run --policy NAME` selects it."""
+
+    name: str
+    scheduling: SchedulingPolicy
+    batching: BatchingPolicy
+    scaling: ScalingPolicy
+
+
+PolicySetFactory = Callable[[PolicyOptions], PolicySet]
