@@ -36,6 +36,7 @@ class Scheduler:
         self.busy: set[int] = set()
         self.in_flight: dict[int, InFlight] = {}
         self.releases: dict[int, list[int]] = {}
+        self.stuck: list[Request] = []
         self._next_step = 0
 
     # -- intake -------------------------------------------------------------------------
@@ -85,11 +86,15 @@ class Scheduler:
         """Steps to run now, and requests that failed because a policy broke a rule."""
         steps: list[Step] = []
         failed: list[Request] = []
-        if self.waiting and len(self.busy) < len(self.allocators):
-            steps += self._guard(self._schedule_prefill, failed)
-        if len(self.busy) < len(self.allocators):
-            steps += self._guard(self._schedule_decode, failed)
-        return steps, failed
+        while True:
+            if self.waiting and len(self.busy) < len(self.allocators):
+                steps += self._guard(self._schedule_prefill, failed)
+            if len(self.busy) < len(self.allocators):
+                steps += self._guard(self._schedule_decode, failed)
+            if steps or self.in_flight or not self._preempt_if_stuck():
+                failed += self.stuck
+                self.stuck = []
+                return steps, failed
 
     def _guard(self, fn, failed: list[Request]) -> list[Step]:
         try:
@@ -148,8 +153,6 @@ class Scheduler:
                 continue
             steps.append(self._decode_step(batch, plan))
             view = self.view()
-        if not steps and not self.in_flight and view.running:
-            self._preempt_newest()
         return steps
 
     def _decode_step(self, batch: Batch, plan) -> DecodeBatch:
@@ -174,14 +177,23 @@ class Scheduler:
         return self._launch(DecodeBatch(self._step_id(), tuple(plan.group), tuple(seqs)),
                             Batch(tuple(s.request_id for s in seqs), tuple(plan.group)))
 
-    def _preempt_newest(self) -> None:
-        """Last resort when no running request can get a slot: recompute the newest later."""
-        victim = max((r for r in self.requests.values() if r.status is Status.RUNNING and not r.in_flight),
-                     key=lambda r: r.arrival)
+    def _preempt_if_stuck(self) -> bool:
+        """Last resort when nothing can run: recompute the newest running request later. A lone
+        request that has filled every pool ends with an error instead."""
+        running = [r for r in self.requests.values() if r.status is Status.RUNNING and not r.in_flight]
+        if not running:
+            return False
+        victim = max(running, key=lambda r: (r.arrival, r.id))
+        if len(running) == 1 and not self.waiting:
+            self._finish(victim, "error", f"KV cache full: the request holds {victim.num_kv} tokens and "
+                                          f"no instance has a free slot")
+            self.stuck.append(victim)
+            return False
         self._free(victim)
         victim.status = Status.WAITING
         victim.esp["preemptions"] += 1
         self.waiting.appendleft(victim)
+        return True
 
     # -- update -------------------------------------------------------------------------
     def complete(self, step_id: int, sampled: dict[int, int]) -> list[Request]:

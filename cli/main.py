@@ -1,0 +1,173 @@
+"""`esp-run`: serve (the default), generate, policies."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+from esp.engine.config import EngineConfig
+from esp.engine.sampling_params import SamplingParams
+
+COMMANDS = ("serve", "generate", "policies")
+
+
+class CLIError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    """Bad flags give one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> None:
+        raise CLIError(message)
+
+
+def run_async(coro):
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--policy", default="loong", help="policy bundle (see `esp-run policies`)")
+    g.add_argument("--scheduling", help="override the bundle's scheduling policy")
+    g.add_argument("--batching", help="override the bundle's batching policy")
+    g.add_argument("--scaling", help="override the bundle's scaling policy")
+    g.add_argument("--model", help="Hugging Face style model directory (default: bundled esp-tiny)")
+    g.add_argument("--instances", type=positive_int, default=1, help="elastic instances (one process each)")
+    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    g.add_argument("--dtype", choices=("auto", "float32", "float64", "bfloat16", "float16"), default="auto")
+    g.add_argument("--kv-tokens-per-instance", type=positive_int, help="KV pool size (default: from free memory)")
+    g.add_argument("--threads-per-instance", type=positive_int, help="CPU threads per instance (default: cores / N)")
+    g.add_argument("--max-prefill-tokens", type=positive_int, default=16384)
+    g.add_argument("--max-batch-size", type=positive_int, default=256)
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model, instances=args.instances, device=args.device, dtype=args.dtype,
+        kv_tokens_per_instance=args.kv_tokens_per_instance, threads_per_instance=args.threads_per_instance,
+        policy=args.policy, scheduling=args.scheduling, batching=args.batching, scaling=args.scaling,
+        max_prefill_tokens=args.max_prefill_tokens, max_batch_size=args.max_batch_size)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="esp-run", description="Long-context LLM serving with elastic sequence parallelism.")
+    sub = parser.add_subparsers(dest="command", parser_class=Parser)
+    serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API (default)")
+    add_engine_flags(serve)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    gen = sub.add_parser("generate", help="complete one prompt and print it")
+    src = gen.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-ids", help="comma-separated token ids, used verbatim")
+    gen.add_argument("--max-tokens", type=positive_int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--json", action="store_true", help="print one JSON object")
+    add_engine_flags(gen)
+    sub.add_parser("policies", help="list installed policies by kind")
+    return parser
+
+
+def parse_prompt_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise CLIError(f"--prompt-ids must be comma-separated integers, got {text[:40]!r}") from None
+    if not ids:
+        raise CLIError("--prompt-ids is empty")
+    return ids
+
+
+async def cmd_generate(args: argparse.Namespace) -> int:
+    from esp.engine.engine import Engine
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos, stop=tuple(args.stop))
+    prompt = parse_prompt_ids(args.prompt_ids) if args.prompt_ids else args.prompt
+    async with Engine(engine_config(args)) as engine:
+        final = None
+        async for out in engine.generate(prompt, params):
+            if not args.json:
+                print(out.new_text, end="", flush=True)
+            final = out
+    if args.json:
+        print(json.dumps({
+            "text": final.text, "token_ids": final.token_ids, "finish_reason": final.finish_reason,
+            "usage": {"prompt_tokens": final.prompt_tokens, "completion_tokens": final.completion_tokens},
+            "timing": vars(final.timing), "esp": final.esp, "error": final.error}))
+    else:
+        print()
+    return 0 if final.finish_reason != "error" else 1
+
+
+async def cmd_serve(args: argparse.Namespace) -> int:
+    from esp.engine.engine import Engine
+    from esp.engine.server import serve
+
+    def ready(url: str) -> None:
+        print(f"esp-serve: serving {engine.model_name} with policy {engine.policies.name} "
+              f"on {engine.config.instances} instance(s) at {url}", flush=True)
+        print(f"try: curl {url}/v1/completions -H 'Content-Type: application/json' "
+              f"-d '{{\"prompt\": \"The module\", \"max_tokens\": 32, \"stream\": true}}'", flush=True)
+
+    async with Engine(engine_config(args)) as engine:
+        await serve(engine, args.host, args.port, on_ready=ready)
+    return 0
+
+
+def cmd_policies() -> int:
+    from esp.policies import available
+
+    by_kind: dict[str, list] = {}
+    for reg in available():
+        by_kind.setdefault(reg.kind, []).append(reg)
+    titles = {"policies": "bundles (--policy)", "scheduling": "scheduling (--scheduling)",
+              "batching": "batching (--batching)", "scaling": "scaling (--scaling)"}
+    for kind, title in titles.items():
+        print(f"{title}:")
+        for reg in by_kind.get(kind, []):
+            print(f"  {reg.name:<16} {reg.target}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
+        argv.insert(0, "serve")
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "policies":
+            return cmd_policies()
+        if args.command == "generate":
+            return run_async(cmd_generate(args))
+        return run_async(cmd_serve(args))
+    except CLIError as err:
+        print(f"esp-run: error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as err:
+        print(f"esp-run: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

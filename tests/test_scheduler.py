@@ -1,0 +1,192 @@
+"""The scheduler on CPU with hand-made worker outputs (no processes, no model)."""
+from __future__ import annotations
+
+import pytest
+
+from esp.engine.protocol import DecodeBatch, PrefillBatch
+from esp.engine.request import Request, Status
+from esp.engine.sampling_params import SamplingParams
+from esp.engine.scheduler import Scheduler
+from esp.policies import Batch, DecodePlan, KeepPlan, PolicyOptions, load_policy_set
+from esp.policies.fcfs import GreedyScaling
+
+EOS = 2
+
+
+class CharDetokenizer:
+    """Token t renders as chr(ord('a') + t % 26): enough to exercise stop strings."""
+
+    def step(self, ids):
+        return "".join(chr(ord("a") + t % 26) for t in ids)
+
+    def flush(self):
+        return ""
+
+
+def make_request(rid: int, prompt_len: int, max_tokens: int = 4, **kw) -> Request:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, **kw)
+    return Request(rid, f"r{rid}", list(range(3, 3 + prompt_len)), params, seed=rid,
+                   eos_ids=frozenset({EOS}), detokenizer=CharDetokenizer())
+
+
+def run_until_idle(s: Scheduler, token=5, limit=1000):
+    """Drive schedule -> complete with every request sampling `token`; returns the steps."""
+    seen = []
+    for _ in range(limit):
+        steps, failed = s.schedule()
+        assert not failed
+        if not steps:
+            assert not s.in_flight
+            return seen
+        for step in steps:
+            seen.append(step)
+            s.complete(step.step_id, {seq.request_id: token for seq in step.seqs})
+    raise AssertionError("scheduler did not go idle")
+
+
+def loong():
+    return load_policy_set("loong", PolicyOptions())
+
+
+def test_single_instance_runs_to_length_and_frees_every_slot():
+    s = Scheduler(loong(), [64])
+    reqs = [make_request(i, 10 + i, max_tokens=3) for i in range(1, 4)]
+    for r in reqs:
+        s.add(r)
+    steps = run_until_idle(s)
+    assert isinstance(steps[0], PrefillBatch) and len(steps[0].seqs) == 3
+    assert all(isinstance(st, DecodeBatch) for st in steps[1:])
+    assert len(steps) == 1 + 2
+    for r in reqs:
+        assert r.finish_reason == "length" and r.output_ids == [5, 5, 5]
+    assert s.free_slots() == [64] and not s.requests
+    decode_positions = [seq.position for st in steps[1:] for seq in st.seqs if seq.request_id == 1]
+    assert decode_positions == [11, 12]
+
+
+def test_eos_and_stop_strings_finish():
+    s = Scheduler(loong(), [64])
+    a = make_request(1, 4, max_tokens=10)
+    b = make_request(2, 4, max_tokens=10, stop=("ff",))
+    s.add(a)
+    s.add(b)
+    s.schedule()
+    s.complete(1, {1: EOS, 2: 5})
+    assert a.finish_reason == "stop"
+    steps, _ = s.schedule()
+    s.complete(steps[0].step_id, {2: 5})
+    assert b.finish_reason == "stop" and b.text == ""
+    assert s.free_slots() == [64]
+
+
+def test_keep_plan_spreads_a_long_prompt_when_one_pool_is_too_small():
+    s = Scheduler(loong(), [1200] * 4)
+    r = make_request(1, 3000, max_tokens=2)
+    s.add(r)
+    steps, _ = s.schedule()
+    (prefill,) = steps
+    assert prefill.group == (0, 1, 2, 3)
+    keep = prefill.seqs[0].keep
+    assert [k.end - k.start for k in keep] == [1200, 1200, 600]
+    assert keep[0].start == 0 and all(a.end == b.start for a, b in zip(keep, keep[1:]))
+    assert len({k.rank for k in keep}) == 3
+    s.complete(prefill.step_id, {1: 7})
+    steps, _ = s.schedule()
+    (decode,) = steps
+    assert set(decode.group) >= {k.rank for k in keep}
+    assert decode.seqs[0].position == 3000
+    s.complete(decode.step_id, {1: 7})
+    assert r.finish_reason == "length" and s.free_slots() == [1200] * 4
+
+
+def test_decode_scales_up_onto_an_idle_instance_when_holders_are_full():
+    s = Scheduler(loong(), [8, 8])
+    r = make_request(1, 8, max_tokens=3)
+    s.add(r)
+    steps, _ = s.schedule()
+    assert steps[0].seqs[0].keep[0].end == 8
+    holder = steps[0].seqs[0].keep[0].rank
+    s.complete(steps[0].step_id, {1: 5})
+    steps, _ = s.schedule()
+    seq = steps[0].seqs[0]
+    assert seq.master != holder and set(seq.holders) == {0, 1}
+    assert r.esp["scale_events"][0]["kind"] == "scale_up"
+    s.complete(steps[0].step_id, {1: 5})
+    run_until_idle(s)
+    assert s.free_slots() == [8, 8]
+
+
+def test_abort_in_flight_frees_slots_when_the_step_returns():
+    s = Scheduler(loong(), [32])
+    r = make_request(1, 5, max_tokens=8)
+    s.add(r)
+    steps, _ = s.schedule()
+    assert s.abort(1) is None and r.abort_requested
+    s.complete(steps[0].step_id, {1: 5})
+    assert r.finish_reason == "abort" and s.free_slots() == [32]
+    assert s.take_releases() == {0: [1]}
+
+
+def test_abort_while_waiting():
+    s = Scheduler(loong(), [32])
+    s.add(make_request(1, 5))
+    req = s.abort(1)
+    assert req.finish_reason == "abort" and not s.waiting and not s.requests
+
+
+def test_preempts_newest_when_no_slot_is_left():
+    s = Scheduler(loong(), [12])
+    old, new = make_request(1, 5, max_tokens=6), make_request(2, 5, max_tokens=6)
+    s.add(old)
+    s.add(new)
+    run_until_idle(s)
+    assert old.finish_reason == new.finish_reason == "length"
+    assert new.esp["preemptions"] >= 1 and old.esp["preemptions"] == 0
+    assert s.free_slots() == [12]
+
+
+def test_failed_step_ends_requests_with_the_error_and_frees_slots():
+    s = Scheduler(loong(), [32])
+    r = make_request(1, 5)
+    s.add(r)
+    steps, _ = s.schedule()
+    s.fail(steps[0].step_id, "worker 0 exited")
+    assert r.finish_reason == "error" and "exited" in r.error and s.free_slots() == [32]
+
+
+def test_prompt_larger_than_every_pool_together_is_refused():
+    s = Scheduler(loong(), [10, 10])
+    with pytest.raises(ValueError, match="does not fit"):
+        s.add(make_request(1, 25))
+
+
+class DropsTokens(GreedyScaling):
+    def keep_plan(self, view, batch: Batch) -> KeepPlan:
+        plan = super().keep_plan(view, batch)
+        return KeepPlan({rid: ((parts[0][0], parts[0][1] - 1),) for rid, parts in plan.ranges.items()})
+
+
+class MasterOutsideGroup(GreedyScaling):
+    def decode_plan(self, view, batch: Batch) -> DecodePlan:
+        return DecodePlan(batch.group, {rid: 99 for rid in batch.request_ids})
+
+
+@pytest.mark.parametrize("scaling, rule", [(DropsTokens, "covers 4 of 5 prompt tokens"),
+                                           (MasterOutsideGroup, "outside the group")])
+def test_policy_violation_is_a_clear_error_and_state_stays_intact(scaling, rule):
+    bundle = loong()
+    bad = type(bundle)(bundle.name, bundle.scheduling, bundle.batching, scaling(PolicyOptions()))
+    s = Scheduler(bad, [32])
+    r = make_request(1, 5)
+    s.add(r)
+    if scaling is MasterOutsideGroup:
+        good = Scheduler(loong(), [32])
+        s = good
+        s.add(r := make_request(2, 5))
+        steps, _ = s.schedule()
+        s.complete(steps[0].step_id, {2: 5})
+        s.policies = bad
+    steps, failed = s.schedule()
+    assert steps == [] and failed == [r]
+    assert r.finish_reason == "error" and scaling.__name__ in r.error and rule in r.error
+    assert s.free_slots() == [32] and not s.busy and not s.requests
