@@ -21,7 +21,7 @@ from esp.engine.scheduler import Scheduler
 from esp.engine.tokenizer import Tokenizer
 from esp.engine.worker import WorkerSpec
 from esp.engine.backend import free_port
-from esp.policies import PolicyOptions, load_policy_set
+from esp.policies import PolicyOptions, PolicySet, load_policy_set
 
 log = logging.getLogger("esp.engine")
 _LONG_TEXT = 8192
@@ -30,10 +30,11 @@ _LONG_TEXT = 8192
 class Engine:
     """Use as `async with Engine(config) as engine:`; then `async for out in engine.generate(...)`."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, policies: PolicySet | None = None) -> None:
+        """`policies` overrides the bundle named in `config` (for tests and embedding)."""
         self.config = config
         self.model_config = ModelConfig.from_dir(config.model_dir)
-        self.policies = load_policy_set(
+        self.policies = policies or load_policy_set(
             config.policy, PolicyOptions(config.max_prefill_tokens, config.max_batch_size, config.policy_options),
             scheduling=config.scheduling, batching=config.batching, scaling=config.scaling)
         self.tokenizer: Tokenizer | None = None

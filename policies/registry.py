@@ -7,6 +7,8 @@ from importlib.metadata import entry_points
 from esp.policies.base import (BatchingPolicy, PolicyOptions, PolicySet, ScalingPolicy,
                                SchedulingPolicy)
 
+LABELS = {"scheduling": "scheduling policy", "batching": "batching policy", "scaling": "scaling policy",
+          "policies": "policy"}
 GROUPS = {
     "scheduling": ("esp.scheduling", SchedulingPolicy),
     "batching": ("esp.batching", BatchingPolicy),
@@ -31,7 +33,7 @@ def _entries(kind: str) -> dict[str, object]:
     found: dict[str, object] = {}
     for ep in entry_points(group=group):
         if ep.name in found and found[ep.name].value != ep.value:
-            raise PolicyError(f"two installed packages register {kind} policy {ep.name!r}: "
+            raise PolicyError(f"two installed packages register {LABELS[kind]} {ep.name!r}: "
                               f"{found[ep.name].value} and {ep.value}")
         found[ep.name] = ep
     return found
@@ -47,7 +49,7 @@ def _load(kind: str, name: str):
     entries = _entries(kind)
     if name not in entries:
         choices = ", ".join(sorted(entries)) or "none installed"
-        raise PolicyError(f"unknown {kind} policy {name!r}; choices: {choices}")
+        raise PolicyError(f"unknown {LABELS[kind]} {name!r}; choices: {choices}")
     return entries[name].load()
 
 
@@ -66,6 +68,6 @@ def load_policy_set(name: str, options: PolicyOptions | None = None, *, scheduli
         cls = _load(kind, component)
         base = GROUPS[kind][1]
         if not (isinstance(cls, type) and issubclass(cls, base)):
-            raise PolicyError(f"{kind} policy {component!r} is not a subclass of {base.__name__}")
+            raise PolicyError(f"{LABELS[kind]} {component!r} is not a subclass of {base.__name__}")
         parts[kind] = cls(options)
     return replace(bundle, **parts) if parts else bundle

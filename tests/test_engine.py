@@ -1,0 +1,126 @@
+"""End to end on CPU: the real engine with a real worker process on the bundled model."""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import pytest_asyncio
+
+from esp.engine import EngineConfig, SamplingParams
+from esp.engine.engine import Engine
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def engine():
+    async with Engine(EngineConfig(kv_tokens_per_instance=2048, dtype="float64")) as eng:
+        yield eng
+
+
+async def collect(engine, prompt, params, request_id=None):
+    outs = [o async for o in engine.generate(prompt, params, request_id)]
+    return outs
+
+
+def all_free(engine) -> bool:
+    s = engine.scheduler
+    return s.free_slots() == [a.num_slots for a in s.allocators] and not s.requests
+
+
+async def test_concurrent_requests_match_their_solo_runs(engine):
+    rng = random.Random(0)
+    prompts = [[1] + [rng.randrange(3, engine.model_config.vocab_size) for _ in range(n)]
+               for n in (5, 40, 200, 17, 90, 300)]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    solo = []
+    for p in prompts:
+        outs = await collect(engine, p, params)
+        solo.append(outs[-1].token_ids)
+    together = await asyncio.gather(*(collect(engine, p, params) for p in prompts))
+    assert [outs[-1].token_ids for outs in together] == solo
+    assert all(len(t) == 12 for t in solo)
+    assert all_free(engine)
+
+
+async def test_streamed_deltas_add_up(engine):
+    outs = await collect(engine, "The module provides", SamplingParams(max_tokens=20, temperature=0))
+    final = outs[-1]
+    assert "".join(o.text for o in outs[-1:]) == final.text
+    assert "".join(o.new_text for o in outs) == final.text
+    assert sum(len(o.new_token_ids) for o in outs) == len(final.token_ids)
+    assert final.finish_reason in ("length", "stop")
+    assert final.text == engine.tokenizer.decode(
+        [t for t in final.token_ids if t not in engine.tokenizer.eos_token_ids])
+    assert final.timing.ttft_s > 0 and final.timing.e2e_s >= final.timing.ttft_s
+
+
+async def test_seeded_sampling_is_reproducible(engine):
+    params = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
+    a = (await collect(engine, "Return the", params))[-1].token_ids
+    b = (await collect(engine, "Return the", params))[-1].token_ids
+    c = (await collect(engine, "Return the", SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95,
+                                                             top_k=50, seed=99, ignore_eos=True)))[-1].token_ids
+    assert a == b and a != c
+
+
+async def test_abort_frees_slots(engine):
+    params = SamplingParams(max_tokens=500, temperature=0, ignore_eos=True)
+    gen = engine.generate("Abort me", params, request_id="to-abort")
+    first = await gen.__anext__()
+    assert first.new_token_ids
+    assert engine.abort("to-abort")
+    rest = [o async for o in gen]
+    assert rest[-1].finish_reason == "abort"
+    assert all_free(engine)
+
+
+async def test_closing_the_stream_aborts(engine):
+    gen = engine.generate("Close me", SamplingParams(max_tokens=500, temperature=0, ignore_eos=True))
+    await gen.__anext__()
+    await gen.aclose()
+    for _ in range(200):
+        if all_free(engine):
+            break
+        await asyncio.sleep(0.05)
+    assert all_free(engine)
+
+
+@pytest.mark.parametrize("prompt, params, message", [
+    ("", SamplingParams(), "empty"),
+    ([1, 10**9], SamplingParams(), "token ids"),
+    ([1] * 10, SamplingParams(max_tokens=10**6), "maximum context length"),
+])
+async def test_bad_input_is_a_clear_error_and_the_engine_keeps_serving(engine, prompt, params, message):
+    with pytest.raises(ValueError, match=message):
+        await collect(engine, prompt, params)
+    ok = await collect(engine, "Still here", SamplingParams(max_tokens=3, temperature=0))
+    assert ok[-1].finished and all_free(engine)
+
+
+def test_cli_generate_json_is_greedy_and_matches_the_engine():
+    cmd = [sys.executable, "-m", "esp.cli.main", "generate", "--prompt-ids", "1,300,400,500,600",
+           "--max-tokens", "8", "--ignore-eos", "--dtype", "float64", "--kv-tokens-per-instance", "512", "--json"]
+    runs = [json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout)
+            for _ in range(2)]
+    assert runs[0]["token_ids"] == runs[1]["token_ids"] and len(runs[0]["token_ids"]) == 8
+    out = runs[0]
+    assert out["usage"] == {"prompt_tokens": 5, "completion_tokens": 8}
+    assert out["finish_reason"] == "length" and out["esp"]["prefill_group"] == [0]
+    assert set(out["timing"]) == {"ttft_s", "tpot_s", "e2e_s"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate"], "one of the arguments --prompt --prompt-ids is required"),
+    (["generate", "--prompt", "x", "--policy", "nope"], "unknown policy 'nope'; choices: loong"),
+    (["generate", "--prompt-ids", "1,a"], "comma-separated integers"),
+    (["serve", "--instances", "0"], "positive integer"),
+])
+def test_cli_bad_flags_give_one_line_and_nonzero_exit(args, message):
+    res = subprocess.run([sys.executable, "-m", "esp.cli.main", *args], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1
