@@ -6,7 +6,10 @@ import asyncio
 import itertools
 import logging
 import random
+import time
 import uuid
+from collections import deque
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 from esp.engine.backend import BackendError, WorkerGroup
@@ -14,7 +17,7 @@ from esp.engine.config import EngineConfig
 from esp.engine.kv_pool import KVPool
 from esp.engine.model_config import ModelConfig
 from esp.engine.outputs import RequestOutput
-from esp.engine.protocol import Step
+from esp.engine.protocol import PrefillBatch, Step
 from esp.engine.request import Request
 from esp.engine.sampling_params import SamplingParams
 from esp.engine.scheduler import Scheduler
@@ -24,6 +27,24 @@ from esp.engine.backend import free_port
 from esp.policies import PolicyOptions, PolicySet, load_policy_set
 
 log = logging.getLogger("esp.engine")
+
+
+@dataclass(frozen=True)
+class StepStat:
+    """One finished step: its kind, group, tokens processed, and where the time went."""
+
+    kind: str
+    group: tuple[int, ...]
+    tokens: int
+    compute_s: float
+    comm_s: float
+    wall_s: float
+
+    @classmethod
+    def of(cls, step: Step, result, wall_s: float) -> StepStat:
+        prefill = isinstance(step, PrefillBatch)
+        tokens = sum(len(s.token_ids) for s in step.seqs) if prefill else len(step.seqs)
+        return cls("prefill" if prefill else "decode", step.group, tokens, result.compute_s, result.comm_s, wall_s)
 _LONG_TEXT = 8192
 
 
@@ -46,6 +67,7 @@ class Engine:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None
+        self.step_stats: deque[StepStat] = deque(maxlen=10000)
 
     @property
     def model_name(self) -> str:
@@ -174,8 +196,10 @@ class Engine:
             self._wake.clear()
 
     async def _execute(self, step: Step) -> None:
+        t0 = time.perf_counter()
         try:
             result = await self.backend.run(step)
+            self.step_stats.append(StepStat.of(step, result, time.perf_counter() - t0))
             touched = self.scheduler.complete(step.step_id, result.sampled)
         except BackendError as err:
             log.error("step %d on %s failed: %s", step.step_id, step.group, err)
