@@ -17,7 +17,7 @@ from esp.engine.config import EngineConfig
 from esp.engine.kv_pool import KVPool
 from esp.engine.model_config import ModelConfig
 from esp.engine.outputs import RequestOutput
-from esp.engine.protocol import PrefillBatch, Step
+from esp.engine.protocol import MigrateKV, PrefillBatch, Step
 from esp.engine.request import Request
 from esp.engine.sampling_params import SamplingParams
 from esp.engine.scheduler import Scheduler
@@ -42,9 +42,13 @@ class StepStat:
 
     @classmethod
     def of(cls, step: Step, result, wall_s: float) -> StepStat:
-        prefill = isinstance(step, PrefillBatch)
-        tokens = sum(len(s.token_ids) for s in step.seqs) if prefill else len(step.seqs)
-        return cls("prefill" if prefill else "decode", step.group, tokens, result.compute_s, result.comm_s, wall_s)
+        if isinstance(step, PrefillBatch):
+            kind, tokens = "prefill", sum(len(s.token_ids) for s in step.seqs)
+        elif isinstance(step, MigrateKV):
+            kind, tokens = "migrate", len(step.src_slots)
+        else:
+            kind, tokens = "decode", len(step.seqs)
+        return cls(kind, step.group, tokens, result.compute_s, result.comm_s, wall_s)
 _LONG_TEXT = 8192
 
 

@@ -85,6 +85,9 @@ class SlotList:
         self._buf[self._len: need] = new
         self._len = need
 
+    def drop_last(self, n: int) -> None:
+        self._len -= n
+
     def tensor(self) -> torch.Tensor:
         return self._buf[: self._len]
 

@@ -70,6 +70,28 @@ class DecodeBatch:
 
 
 @dataclass(frozen=True)
+class MigrateKV:
+    """Move the KV in `src_slots` (the last tokens `src` holds of a request) into `dst_slots`
+    on `dst`, `chunk` tokens per transfer. The group is `(src, dst)`."""
+
+    step_id: int
+    request_id: int
+    src: int
+    dst: int
+    src_slots: list[int]
+    dst_slots: list[int]
+    chunk: int = 4096
+
+    @property
+    def group(self) -> tuple[int, ...]:
+        return (self.src, self.dst)
+
+    @property
+    def seqs(self) -> tuple:
+        return ()
+
+
+@dataclass(frozen=True)
 class Release:
     """Forget these requests' local slot lists (the main process already freed the slots)."""
 
@@ -108,4 +130,4 @@ class WorkerFailed:
     traceback: str = ""
 
 
-Step = PrefillBatch | DecodeBatch
+Step = PrefillBatch | DecodeBatch | MigrateKV

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from esp.engine.kv_pool import SlotAllocator
-from esp.engine.protocol import (DecodeBatch, DecodeSeq, KeepRange, PrefillBatch, PrefillSeq, SampleSpec,
+from esp.engine.protocol import (DecodeBatch, DecodeSeq, KeepRange, MigrateKV, PrefillBatch, PrefillSeq,
+                                 SampleSpec,
                                  Step)
 from esp.engine.request import Request, Status
-from esp.engine.validation import PolicyViolation, check_decode, check_dispatch, check_keep_plan
+from esp.engine.validation import (PolicyViolation, check_decode, check_dispatch, check_keep_plan,
+                                   check_migrations)
 from esp.policies.base import Batch, ClusterView, PolicySet, RequestView
 
 
@@ -89,6 +91,8 @@ class Scheduler:
         while True:
             if self.waiting and len(self.busy) < len(self.allocators):
                 steps += self._guard(self._schedule_prefill, failed)
+            if len(self.busy) < len(self.allocators):
+                steps += self._guard(self._schedule_migrations, failed)
             if len(self.busy) < len(self.allocators):
                 steps += self._guard(self._schedule_decode, failed)
             if steps or self.in_flight or not self._preempt_if_stuck():
@@ -177,6 +181,36 @@ class Scheduler:
         return self._launch(DecodeBatch(self._step_id(), tuple(plan.group), tuple(seqs)),
                             Batch(tuple(s.request_id for s in seqs), tuple(plan.group)))
 
+    def _schedule_migrations(self) -> list[Step]:
+        view = self.view()
+        if not view.running:
+            return []
+        moves = self.policies.scaling.migrations(view)
+        check_migrations(self.policies.scaling, view, moves)
+        return [self.migrate(m.request_id, m.src, m.dst, m.tokens) for m in moves]
+
+    def migrate(self, request_id: int, src: int, dst: int, tokens: int, chunk: int = 4096) -> MigrateKV:
+        """Start moving the last `tokens` KV tokens `src` holds of a request onto `dst`."""
+        req = self.requests[request_id]
+        src_slots = req.placement[src][-tokens:]
+        dst_slots = self.allocators[dst].allocate(tokens)
+        req.in_flight = True
+        req.esp["scale_events"].append({"kind": "migrate", "src": src, "dst": dst, "tokens": tokens})
+        step = MigrateKV(self._step_id(), request_id, src, dst, src_slots, dst_slots, chunk)
+        return self._launch(step, Batch((request_id,), step.group))
+
+    def _complete_migration(self, move: MigrateKV) -> Request:
+        req = self.requests[move.request_id]
+        req.in_flight = False
+        self.allocators[move.src].free(move.src_slots)
+        kept = req.placement.pop(move.src)[: -len(move.src_slots)]
+        if kept:
+            req.placement[move.src] = kept
+        req.placement[move.dst] = req.placement.pop(move.dst, []) + move.dst_slots
+        if req.abort_requested:
+            self._finish(req, "abort")
+        return req
+
     def _preempt_if_stuck(self) -> bool:
         """Last resort when nothing can run: recompute the newest running request later. A lone
         request that has filled every pool ends with an error instead."""
@@ -200,6 +234,9 @@ class Scheduler:
         """Apply a finished step. Returns the requests that got a token or ended."""
         flight = self.in_flight.pop(step_id)
         self.busy -= set(flight.step.group)
+        if isinstance(flight.step, MigrateKV):
+            req = self._complete_migration(flight.step)
+            return [req] if req.finish_reason else []
         touched = []
         for rid in flight.request_ids:
             req = self.requests[rid]

@@ -2,7 +2,7 @@
 naming the policy and the rule, before any engine state changes."""
 from __future__ import annotations
 
-from esp.policies.base import Batch, ClusterView, DecodePlan, Dispatch, KeepPlan, PolicySet
+from esp.policies.base import Batch, ClusterView, DecodePlan, Dispatch, KeepPlan, Migration, PolicySet
 
 
 class PolicyViolation(RuntimeError):
@@ -78,3 +78,18 @@ def check_decode(p: PolicySet, view: ClusterView, batch: Batch, plan: DecodePlan
         need[master] += 1
     over = [r for r, n in need.items() if n > view.free_slots[r]]
     _require(not over, p.scaling, f"masters exceed the free slots of instances {over}", ids)
+
+
+def check_migrations(policy: object, view: ClusterView, moves: list[Migration]) -> None:
+    running = {r.request_id: r for r in view.running}
+    ids = [m.request_id for m in moves]
+    _require(len(set(ids)) == len(ids), policy, "a request is migrated twice in one plan", ids)
+    check_groups(policy, view, [(m.src, m.dst) for m in moves], ids)
+    for m in moves:
+        req = running.get(m.request_id)
+        _require(req is not None, policy, f"migration of request {m.request_id}, which is not running", ids)
+        held = req.kv_tokens.get(m.src, 0)
+        _require(0 < m.tokens <= held, policy,
+                 f"migration moves {m.tokens} tokens of request {m.request_id} but instance {m.src} holds {held}", ids)
+        _require(m.tokens <= view.free_slots[m.dst], policy,
+                 f"migration needs {m.tokens} slots on instance {m.dst}, {view.free_slots[m.dst]} are free", ids)

@@ -16,7 +16,7 @@ import torch
 from esp.engine.attention import DistributedDecode, StripedPrefill
 from esp.engine.comm import PeerComm
 from esp.engine.kv_pool import KVPool, SlotList
-from esp.engine.protocol import (DecodeBatch, PrefillBatch, Ready, Release, SampleSpec, Shutdown,
+from esp.engine.protocol import (DecodeBatch, MigrateKV, PrefillBatch, Ready, Release, SampleSpec, Shutdown,
                                  StepDone, WorkerFailed)
 from esp.engine.sampling import sample_tokens
 
@@ -79,6 +79,27 @@ class Worker:
             hidden = self.model(ctx.input_ids, ctx.positions, ctx)
             sampled = self._sample(hidden, [s.request_id for s in ctx.mine], [s.sample for s in ctx.mine])
         return self._done(msg.step_id, sampled, t0)
+
+    @handle.register
+    def _(self, msg: MigrateKV) -> StepDone:
+        t0 = time.perf_counter()
+        local = self.local.setdefault(msg.request_id, SlotList(self.device))
+        for start in range(0, len(msg.src_slots), msg.chunk):
+            if self.rank == msg.src:
+                idx = torch.tensor(msg.src_slots[start: start + msg.chunk], device=self.device)
+                block = torch.stack((self.pool.k[:, idx], self.pool.v[:, idx]))
+                self.comm.start([(msg.dst, block)], []).wait()
+            else:
+                idx = torch.tensor(msg.dst_slots[start: start + msg.chunk], device=self.device)
+                block = self.pool.k.new_empty((2, self.pool.k.shape[0], len(idx)) + self.pool.k.shape[2:])
+                self.comm.start([], [(msg.src, block)]).wait()
+                self.pool.k[:, idx] = block[0]
+                self.pool.v[:, idx] = block[1]
+        if self.rank == msg.src:
+            local.drop_last(len(msg.src_slots))
+        else:
+            local.extend(msg.dst_slots)
+        return self._done(msg.step_id, {}, t0)
 
     @handle.register
     def _(self, msg: Release) -> None:

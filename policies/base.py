@@ -86,6 +86,16 @@ class DecodePlan:
 
 
 @dataclass(frozen=True)
+class Migration:
+    """Move the last `tokens` KV tokens that instance `src` holds of a request onto `dst`."""
+
+    request_id: int
+    src: int
+    dst: int
+    tokens: int
+
+
+@dataclass(frozen=True)
 class PolicyOptions:
     """Knobs a bundle may read. Unknown policies ignore what they do not use."""
 
@@ -128,6 +138,10 @@ class ScalingPolicy(ABC):
 
     @abstractmethod
     def decode_plan(self, view: ClusterView, batch: Batch) -> DecodePlan: ...
+
+    def migrations(self, view: ClusterView) -> list[Migration]:
+        """KV moves to run now between idle instances (to consolidate a request). None by default."""
+        return []
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import pytest_asyncio
 
 from esp.engine import EngineConfig, SamplingParams
 from esp.engine.engine import Engine
-from esp.policies import (Batch, BatchingPolicy, ClusterView, DecodePlan, Dispatch, KeepPlan, PolicyOptions,
+from esp.policies import (Batch, BatchingPolicy, ClusterView, DecodePlan, Dispatch, KeepPlan, Migration, PolicyOptions,
                           PolicySet, ScalingPolicy, SchedulingPolicy)
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
@@ -30,6 +30,7 @@ class Layout:
     dop: int
     keep: str      # "one" | "two" | "all"
     masters: str   # "last" (holder of the newest token) | "rotate" (a different group member each step)
+    migrate: bool = False  # after the second token, move 40 tokens of the first holder elsewhere
 
 
 CURRENT: list[Layout] = [None]  # requests run one at a time; this is the layout of the running one
@@ -73,6 +74,16 @@ class ForcedScaling(ScalingPolicy):
             group, master = tuple(sorted(holders)), holders[-1]
         return DecodePlan(group, {rid: master})
 
+    def migrations(self, view):
+        if not CURRENT[0].migrate:
+            return []
+        for req in view.running:
+            if req.output_len == 2 and set(req.kv_tokens) <= view.idle:
+                src = next(iter(req.kv_tokens))
+                dst = next(r for r in (3, 2, 1, 0) if r != src)
+                return [Migration(req.request_id, src, dst, min(40, req.kv_tokens[src]))]
+        return []
+
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def engine():
@@ -112,6 +123,15 @@ async def test_greedy_tokens_equal_single_instance(engine, prompt, layout):
     assert len(holders) == {"one": 1, "two": min(2, layout.dop), "all": layout.dop}[layout.keep]
     if layout.masters == "rotate" and layout.dop > 1:
         assert len(out.esp["masters"]) > 1
+    assert slots_all_free(engine)
+
+
+@pytest.mark.parametrize("layout", [Layout(1, "one", "last", migrate=True), Layout(3, "all", "rotate", migrate=True)])
+async def test_migration_keeps_greedy_tokens(engine, prompt, layout):
+    reference = await generate(engine, prompt, Layout(1, "one", "last"))
+    out = await generate(engine, prompt, layout)
+    assert out.token_ids == reference.token_ids
+    assert any(e["kind"] == "migrate" for e in out.esp["scale_events"])
     assert slots_all_free(engine)
 
 

@@ -190,3 +190,23 @@ def test_policy_violation_is_a_clear_error_and_state_stays_intact(scaling, rule)
     assert steps == [] and failed == [r]
     assert r.finish_reason == "error" and scaling.__name__ in r.error and rule in r.error
     assert s.free_slots() == [32] and not s.busy and not s.requests
+
+
+def test_migration_moves_the_last_tokens_and_frees_the_source_slots():
+    s = Scheduler(loong(), [100, 100])
+    r = make_request(1, 30, max_tokens=5)
+    s.add(r)
+    steps, _ = s.schedule()
+    s.complete(steps[0].step_id, {1: 5})
+    (src,) = r.placement
+    dst = 1 - src
+    before = list(r.placement[src])
+    move = s.migrate(1, src, dst, 12)
+    assert move.src_slots == before[-12:] and len(move.dst_slots) == 12
+    assert s.schedule() == ([], [])  # the request is in flight, both instances busy
+    assert s.complete(move.step_id, {}) == []
+    assert r.placement == {src: before[:-12], dst: move.dst_slots}
+    assert list(r.placement)[-1] == dst
+    assert s.free_slots() == [100 - 18 if i == src else 100 - 12 for i in range(2)]
+    run_until_idle(s)
+    assert s.free_slots() == [100, 100]
