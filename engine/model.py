@@ -1,0 +1,168 @@
+"""A Llama-family decoder in plain torch, over packed (varlen) token batches (DESIGN 4.1).
+
+The model sees T tokens from any number of sequences concatenated, each with its global
+position. Every op is per token except attention, which is delegated to a callback: the
+worker's callback stores K/V in the KV pool and attends (possibly across instances). So the
+model never mixes tokens itself, and T == 0 still calls the callback once per layer, in layer
+order, which lets an instance with no tokens take part in a group's collective attention.
+
+Numerics follow Hugging Face `transformers`: RMSNorm in float32 (float64 for float64 models)
+cast back before the weight, RoPE frequencies computed in float32 by HF's formulas, cos/sin in
+float32 (float64 for float64 models) cast to the model dtype, `rotate_half` convention.
+Parameter names equal the Hugging Face checkpoint names, so `named_parameters()` is the
+loader's list of expected tensors.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import skip_init
+
+from esp.engine.model_config import ModelConfig
+
+AttentionFn = Callable[[int, Tensor, Tensor, Tensor], Tensor]
+"""`attention(layer, q [T, H, D], k [T, KVH, D], v [T, KVH, D]) -> out [T, H, D]`, RoPE applied."""
+
+
+def rope_inv_freq(config: ModelConfig) -> Tensor:
+    """`[head_dim // 2]` float32 inverse frequencies, computed as `transformers` does
+    (`compute_default_rope_parameters`, `_compute_linear_scaling_rope_parameters`,
+    `_compute_llama3_parameters`), in float32 on the CPU."""
+    dim, base, scaling = config.head_dim, config.rope_theta, config.rope_scaling
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim))
+    if scaling is None:
+        return inv_freq
+    factor = scaling.factor
+    if scaling.rope_type == "linear":
+        return inv_freq / factor
+    if scaling.rope_type != "llama3":
+        raise ValueError(f"unsupported rope type {scaling.rope_type!r}")
+    old_context_len = scaling.original_max_position_embeddings
+    low_freq_wavelen = old_context_len / scaling.low_freq_factor
+    high_freq_wavelen = old_context_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor
+                                                                      - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * inv_freq_llama / factor + smooth * inv_freq_llama
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, inv_freq_llama)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """`x [T, heads, D]`, `cos`/`sin [T, D]`."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device | None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size, dtype=dtype, device=device))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x.to(_compute_dtype(x.dtype))
+        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+def _linear(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device | None) -> nn.Linear:
+    return skip_init(nn.Linear, n_in, n_out, bias=False, dtype=dtype, device=device)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, c: ModelConfig, dtype: torch.dtype, device: torch.device | None) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.q_proj = _linear(c.hidden_size, c.num_attention_heads * c.head_dim, dtype, device)
+        self.k_proj = _linear(c.hidden_size, c.num_key_value_heads * c.head_dim, dtype, device)
+        self.v_proj = _linear(c.hidden_size, c.num_key_value_heads * c.head_dim, dtype, device)
+        self.o_proj = _linear(c.num_attention_heads * c.head_dim, c.hidden_size, dtype, device)
+
+    def forward(self, layer: int, x: Tensor, cos: Tensor, sin: Tensor, attention: AttentionFn) -> Tensor:
+        t = x.shape[0]
+        q = apply_rope(self.q_proj(x).view(t, self.heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).view(t, self.kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
+        out = attention(layer, q, k, v)
+        return self.o_proj(out.reshape(t, self.heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, c: ModelConfig, dtype: torch.dtype, device: torch.device | None) -> None:
+        super().__init__()
+        self.gate_proj = _linear(c.hidden_size, c.intermediate_size, dtype, device)
+        self.up_proj = _linear(c.hidden_size, c.intermediate_size, dtype, device)
+        self.down_proj = _linear(c.intermediate_size, c.hidden_size, dtype, device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, c: ModelConfig, dtype: torch.dtype, device: torch.device | None) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype, device)
+        self.self_attn = LlamaAttention(c, dtype, device)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype, device)
+        self.mlp = LlamaMLP(c, dtype, device)
+
+    def forward(self, layer: int, h: Tensor, cos: Tensor, sin: Tensor, attention: AttentionFn) -> Tensor:
+        h = h + self.self_attn(layer, self.input_layernorm(h), cos, sin, attention)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, c: ModelConfig, dtype: torch.dtype, device: torch.device | None) -> None:
+        super().__init__()
+        self.embed_tokens = skip_init(nn.Embedding, c.vocab_size, c.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(c, dtype, device) for _ in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype, device)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Parameters are allocated uninitialised; `esp.engine.loader.load_model` fills them."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        device = torch.device(device if device is not None else "cpu")
+        self.config = config
+        self.model = LlamaModel(config, dtype, device)
+        self.lm_head = None if config.tie_word_embeddings else _linear(config.hidden_size, config.vocab_size,
+                                                                       dtype, device)
+        self.register_buffer("inv_freq", rope_inv_freq(config).to(device), persistent=False)
+
+    def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """`cos`, `sin [T, head_dim]` in `dtype` for global `positions [T]`."""
+        cdtype = _compute_dtype(dtype)
+        freqs = positions.to(cdtype)[:, None] * self.inv_freq.to(cdtype)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(self, input_ids: Tensor, positions: Tensor, attention: AttentionFn) -> Tensor:
+        """`input_ids`, `positions [T]` (int64) -> final-normed hidden states `[T, hidden]`.
+        `attention` is called exactly once per layer, in layer order, even when T == 0."""
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = self.rope(positions, h.dtype)
+        for i, layer in enumerate(self.model.layers):
+            h = layer(i, h, cos, sin, attention)
+        return self.model.norm(h)
+
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        """`hidden [N, hidden]` -> logits `[N, vocab]` in float32 (float64 for float64 models)."""
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).to(_compute_dtype(weight.dtype))
