@@ -96,7 +96,7 @@ class ModelConfig:
         r.refuse_if("mlp_bias", bool, "biased MLP projections are not supported", False)
         r.refuse_if("quantization_config", lambda v: v is not None, "quantized checkpoints are not supported", None)
         max_pos = r.get("max_position_embeddings", int)
-        r.refuse_if("sliding_window", lambda v: v is not None and v < max_pos,
+        r.refuse_if("sliding_window", lambda v: v is not None and not (isinstance(v, int) and v >= max_pos),
                     f"sliding-window attention is not supported (needs null or >= max_position_embeddings "
                     f"= {max_pos})", None)
         hidden, heads = r.get("hidden_size", int), r.get("num_attention_heads", int)
@@ -106,24 +106,25 @@ class ModelConfig:
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in eos_ids):
             raise r.error("eos_token_id", f"expected an int or a list of ints, got {eos!r}")
+        fields = dict(
+            vocab_size=r.get("vocab_size", int),
+            hidden_size=hidden,
+            intermediate_size=r.get("intermediate_size", int),
+            num_hidden_layers=r.get("num_hidden_layers", int),
+            num_attention_heads=heads,
+            num_key_value_heads=r.get("num_key_value_heads", int, None) or heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(r.get("rms_norm_eps", (int, float), 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=max_pos,
+            tie_word_embeddings=r.get("tie_word_embeddings", bool, False),
+            bos_token_id=r.get("bos_token_id", int, None),
+            eos_token_ids=eos_ids,
+            torch_dtype=r.get("dtype", str, None) or r.get("torch_dtype", str, None),
+        )
         try:
-            return cls(
-                vocab_size=r.get("vocab_size", int),
-                hidden_size=hidden,
-                intermediate_size=r.get("intermediate_size", int),
-                num_hidden_layers=r.get("num_hidden_layers", int),
-                num_attention_heads=heads,
-                num_key_value_heads=r.get("num_key_value_heads", int, None) or heads,
-                head_dim=head_dim,
-                rms_norm_eps=float(r.get("rms_norm_eps", (int, float), 1e-6)),
-                rope_theta=rope_theta,
-                rope_scaling=rope_scaling,
-                max_position_embeddings=max_pos,
-                tie_word_embeddings=r.get("tie_word_embeddings", bool, False),
-                bos_token_id=r.get("bos_token_id", int, None),
-                eos_token_ids=eos_ids,
-                torch_dtype=r.get("dtype", str, None) or r.get("torch_dtype", str, None),
-            )
+            return cls(**fields)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
 

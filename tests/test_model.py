@@ -27,7 +27,7 @@ from esp.engine.model import LlamaForCausalLM, rope_inv_freq
 from esp.engine.model_config import ModelConfig, RopeScaling
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 32}
+          "original_max_position_embeddings": 64}
 CONFIGS = {
     "gqa": {"num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 8},
     "mha": {"num_key_value_heads": 4},
