@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import random
-import subprocess
-import sys
 
 import pytest
 import pytest_asyncio
@@ -54,8 +51,10 @@ async def test_streamed_deltas_add_up(engine):
     assert "".join(o.new_text for o in outs) == final.text
     assert sum(len(o.new_token_ids) for o in outs) == len(final.token_ids)
     assert final.finish_reason in ("length", "stop")
-    assert final.text == engine.tokenizer.decode(
-        [t for t in final.token_ids if t not in engine.tokenizer.eos_token_ids])
+    tok = engine.tokenizer
+    prompt_ids = tok.encode("The module provides")
+    output = [t for t in final.token_ids if t not in tok.eos_token_ids]
+    assert final.text == tok.decode(prompt_ids + output)[len(tok.decode(prompt_ids)):]
     assert final.timing.ttft_s > 0 and final.timing.e2e_s >= final.timing.ttft_s
 
 
@@ -100,27 +99,3 @@ async def test_bad_input_is_a_clear_error_and_the_engine_keeps_serving(engine, p
         await collect(engine, prompt, params)
     ok = await collect(engine, "Still here", SamplingParams(max_tokens=3, temperature=0))
     assert ok[-1].finished and all_free(engine)
-
-
-def test_cli_generate_json_is_greedy_and_matches_the_engine():
-    cmd = [sys.executable, "-m", "esp.cli.main", "generate", "--prompt-ids", "1,300,400,500,600",
-           "--max-tokens", "8", "--ignore-eos", "--dtype", "float64", "--kv-tokens-per-instance", "512", "--json"]
-    runs = [json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout)
-            for _ in range(2)]
-    assert runs[0]["token_ids"] == runs[1]["token_ids"] and len(runs[0]["token_ids"]) == 8
-    out = runs[0]
-    assert out["usage"] == {"prompt_tokens": 5, "completion_tokens": 8}
-    assert out["finish_reason"] == "length" and out["esp"]["prefill_group"] == [0]
-    assert set(out["timing"]) == {"ttft_s", "tpot_s", "e2e_s"}
-
-
-@pytest.mark.parametrize("args, message", [
-    (["generate"], "one of the arguments --prompt --prompt-ids is required"),
-    (["generate", "--prompt", "x", "--policy", "nope"], "unknown policy 'nope'; choices: loong"),
-    (["generate", "--prompt-ids", "1,a"], "comma-separated integers"),
-    (["serve", "--instances", "0"], "positive integer"),
-])
-def test_cli_bad_flags_give_one_line_and_nonzero_exit(args, message):
-    res = subprocess.run([sys.executable, "-m", "esp.cli.main", *args], capture_output=True, text=True, timeout=120)
-    assert res.returncode != 0
-    assert message in res.stderr and len(res.stderr.strip().splitlines()) == 1
