@@ -44,7 +44,8 @@ class _Strip(enum.Enum):
 class Tokenizer:
     """A sentencepiece model plus what the checkpoint says about BOS/EOS and chat prompts.
 
-    `encode` never parses special-token strings: `"<s>"` in text is encoded as text.
+    `encode` never parses special-token strings: `"<s>"` in text is encoded as text. As in every
+    sentencepiece model, a literal `▁` (U+2581) in text decodes as a space.
     """
 
     def __init__(self, sp: spm.SentencePieceProcessor, *, add_bos: bool = True,
@@ -120,8 +121,8 @@ class Tokenizer:
         return self.sp.decode(self._checked(ids))
 
     def detokenizer(self, prompt_ids: Sequence[int] = ()) -> IncrementalDetokenizer:
-        """A streaming decoder for the tokens that follow `prompt_ids`."""
-        return IncrementalDetokenizer(self, self._checked(prompt_ids))
+        """A streaming decoder for the tokens that follow `prompt_ids` (read in O(1), not copied)."""
+        return IncrementalDetokenizer(self, prompt_ids)
 
     def apply_chat_template(self, messages: list[dict]) -> str:
         """The prompt text for `messages`, ending where the assistant's reply starts.
@@ -136,7 +137,8 @@ class Tokenizer:
         if template is None:
             return fallback_chat_prompt(messages)
         bos = self.sp.id_to_piece(self.bos_token_id) if self.bos_token_id is not None else ""
-        eos_id = self.sp.eos_id() if self.sp.eos_id() in self.eos_token_ids else min(self.eos_token_ids, default=None)
+        eos_id = self.sp.eos_id() if self.sp.eos_id() in self.eos_token_ids else min(self.eos_token_ids,
+                                                                                       default=None)
         eos = self.sp.id_to_piece(eos_id) if eos_id is not None else ""
         unk = self.sp.id_to_piece(self.sp.unk_id()) if self.sp.unk_id() >= 0 else ""
         try:
@@ -204,20 +206,29 @@ class IncrementalDetokenizer:
         self._tok = tokenizer
         self._fresh = True
         self._pending = bytearray()
-        kinds, values = tokenizer._kind, tokenizer._byte
-        for i in prompt_ids:
-            if not self._fresh:
-                break
+        kinds, values, vocab = tokenizer._kind, tokenizer._byte, tokenizer.vocab_size
+
+        def read(j: int) -> int:
+            i = int(prompt_ids[j])
+            if not 0 <= i < vocab:
+                raise ValueError(f"token id {i} is out of range [0, {vocab})")
+            return i
+
+        end = len(prompt_ids)
+        j = 0
+        while self._fresh and j < end:
+            i = read(j)
             if kinds[i] == _Kind.BYTE:
                 self._fresh = False
             else:
                 self._render(i)
-        end = start = len(prompt_ids)
-        while start > 0 and end - start < 3 and kinds[prompt_ids[start - 1]] == _Kind.BYTE:
+            j += 1
+        start = end
+        while start > 0 and end - start < 3 and kinds[read(start - 1)] == _Kind.BYTE:
             start -= 1
-        lead = next((j for j in range(end - 1, start - 1, -1) if not _is_trail(values[prompt_ids[j]])), None)
+        lead = next((j for j in range(end - 1, start - 1, -1) if not _is_trail(values[read(j)])), None)
         if lead is not None:
-            self._pending.extend(values[prompt_ids[j]] for j in range(lead, end))
+            self._pending.extend(values[read(j)] for j in range(lead, end))
             self._settle(final=False)
         self.prompt_carry = len(self._pending)
 

@@ -259,6 +259,8 @@ def save(model, sp_bytes: bytes, cfg: BuildConfig) -> None:
     for extra in sorted(cfg.out.iterdir()):
         if extra.name not in KEEP_FILES:
             shutil.rmtree(extra) if extra.is_dir() else extra.unlink()
+        else:
+            extra.chmod(0o644)
 
 
 def show_samples(out: Path) -> None:
