@@ -131,6 +131,8 @@ def _messages(body: dict) -> list[dict]:
                        for p in content):
                 raise ApiError(400, "only text content parts are supported", "messages")
             m = {**m, "content": "".join(p["text"] for p in content)}
+        if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), (str, type(None))):
+            raise ApiError(400, "each message needs a string role and a string content", "messages")
         flat.append(m)
     return flat
 
@@ -152,6 +154,8 @@ def parse_job(body: Any, chat: bool, engine) -> Job:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ApiError(400, "model must be a string", "model")
     if model is not None and model not in _served_names(engine):
         raise ApiError(404, f"The model `{model}` does not exist.", "model", "model_not_found")
     _unsupported(body, chat)
