@@ -50,7 +50,7 @@ class ByLayout(BatchingPolicy):
 
     def decode_batches(self, view, instances):
         ready = [r for r in view.running if set(r.kv_tokens) <= instances]
-        return [Batch((r.request_id,), tuple(sorted(instances))) for r in ready[:1]]
+        return [Batch((r.request_id,), tuple(sorted(r.kv_tokens))) for r in ready[:1]]
 
 
 class ForcedScaling(ScalingPolicy):
@@ -78,10 +78,10 @@ class ForcedScaling(ScalingPolicy):
         if not CURRENT[0].migrate:
             return []
         for req in view.running:
-            if req.output_len == 2 and set(req.kv_tokens) <= view.idle:
+            spare = [r for r in (3, 2, 1, 0) if r not in req.kv_tokens]
+            if req.output_len == 2 and spare and set(req.kv_tokens) <= view.idle:
                 src = next(iter(req.kv_tokens))
-                dst = next(r for r in (3, 2, 1, 0) if r != src)
-                return [Migration(req.request_id, src, dst, min(40, req.kv_tokens[src]))]
+                return [Migration(req.request_id, src, spare[0], min(40, req.kv_tokens[src]))]
         return []
 
 
@@ -117,12 +117,13 @@ def slots_all_free(engine) -> bool:
 async def test_greedy_tokens_equal_single_instance(engine, prompt, layout):
     reference = await generate(engine, prompt, Layout(1, "one", "last"))
     out = await generate(engine, prompt, layout)
+    assert reference.finish_reason == out.finish_reason == "length" and len(reference.token_ids) == 10
     assert out.token_ids == reference.token_ids
     assert out.esp["prefill_group"] == list(range(layout.dop))
     holders = {int(r) for r in out.esp["keep_plan"]}
     assert len(holders) == {"one": 1, "two": min(2, layout.dop), "all": layout.dop}[layout.keep]
     if layout.masters == "rotate" and layout.dop > 1:
-        assert len(out.esp["masters"]) > 1
+        assert len(out.esp["masters"]) > 1, out.esp
     assert slots_all_free(engine)
 
 
@@ -130,6 +131,7 @@ async def test_greedy_tokens_equal_single_instance(engine, prompt, layout):
 async def test_migration_keeps_greedy_tokens(engine, prompt, layout):
     reference = await generate(engine, prompt, Layout(1, "one", "last"))
     out = await generate(engine, prompt, layout)
+    assert reference.finish_reason == out.finish_reason == "length"
     assert out.token_ids == reference.token_ids
     assert any(e["kind"] == "migrate" for e in out.esp["scale_events"])
     assert slots_all_free(engine)
