@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -107,6 +109,15 @@ def test_striped_ref_matches_sdpa_with_position_mask(h, kvh, seed):
     ref_out, ref_lse = dense_attention(q, k, v, varlen_mask(q_pos, k_pos, cu_q, cu_k))
     assert out.dtype == F64 and lse.dtype == F64 and lse.shape == (sum(lens_q), h)
     assert torch.isneginf(ref_lse).any(), "the case must include queries with no visible key"
+    assert_attn_close(out, lse, ref_out, ref_lse, atol=1e-12)
+
+
+def test_striped_ref_in_query_chunks_matches_sdpa(monkeypatch):
+    import esp.kernels.prefill as prefill
+    monkeypatch.setattr(prefill, "SCORE_BUDGET", 100)
+    q, k, v, q_pos, k_pos, cu_q, cu_k = random_varlen([9, 14], [7, 12], 4, 2, 8, seed=4)
+    out, lse = striped_attention_step_ref(q, k, v, q_pos, k_pos, cu_q, cu_k)
+    ref_out, ref_lse = dense_attention(q, k, v, varlen_mask(q_pos, k_pos, cu_q, cu_k))
     assert_attn_close(out, lse, ref_out, ref_lse, atol=1e-12)
 
 
@@ -399,6 +410,48 @@ def test_store_kv_triton_matches_ref(triton_env, kvh, d):
     kc, vc = to_dev(kc, vc)
     store_kv(kc, vc, *to_dev(slots, k, v), backend="triton")
     assert torch.equal(kc.cpu(), ek) and torch.equal(vc.cpu(), ev)
+
+
+COMPILE_SCRIPT = """
+import triton, triton.language as tl, torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from esp.kernels.decode_triton import _decode_reduce_kernel, _decode_split_kernel, default_block_n
+from esp.kernels.merge_triton import _merge_kernel
+from esp.kernels.prefill_triton import _striped_kernel, default_blocks
+from esp.kernels.store_triton import _store_kernel
+
+def build(fn, types, consts):
+    sig = {name: "constexpr" if name in consts else types[name] for name in fn.arg_names}
+    triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32))
+
+p, f, i = "*bf16", "*fp32", "i32"
+bm, bn = default_blocks(torch.bfloat16, 128)
+build(_striped_kernel, dict(q=p, k=p, v=p, q_pos="*i64", k_pos="*i64", cu_q="*i64", cu_k="*i64",
+      out=p, lse=f, scale="fp32", H=i, KVH=i, D=i),
+      dict(GROUP=4, ACC=tl.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=128))
+build(_decode_split_kernel, dict(q=p, k_cache=p, v_cache=p, slots="*i64", cu="*i64", part_out=f,
+      part_lse=f, scale="fp32", H=i, KVH=i, D=i, split_len=i, num_splits=i),
+      dict(GROUP=4, ACC=tl.float32, BLOCK_G=16, BLOCK_N=default_block_n(torch.bfloat16, 128), BLOCK_D=128))
+build(_decode_reduce_kernel, dict(part_out=f, part_lse=f, out=p, lse=f, D=i, num_splits=i),
+      dict(BLOCK_S=8, BLOCK_D=128))
+build(_merge_kernel, dict(out_a=p, lse_a=f, out_b=p, lse_b=f, out=p, lse=f, rows=i, D=i),
+      dict(ACC=tl.float32, BLOCK_R=16, BLOCK_D=128))
+build(_store_kernel, dict(k_cache=p, v_cache=p, slots="*i64", k=p, v=p, W=i), dict(BLOCK=1024))
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_sm90_in_bf16():
+    """The interpreter accepts code the GPU compiler rejects: compile each kernel ahead of
+    time for an H100 (no GPU needed) with the tile sizes the wrappers pick for bf16, D=128."""
+    if not HAS_TRITON or importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("triton with the NVIDIA backend is not installed")
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
 
 
 # ---------------------------------------------------------------- input checks

@@ -1,0 +1,71 @@
+"""Decode attention of one query token per request over scattered KV pool rows.
+
+`decode_partial_attention(q [B,H,D], k_cache [S,KVH,D], v_cache [S,KVH,D], slots [N],
+cu_slots [B+1]) -> (out [B,H,D], lse [B,H])`
+
+Request b attends, without a mask, to the pool rows `slots[cu_slots[b]:cu_slots[b+1]]`
+(token-granular, any order, any slot numbers in [0, S)). These may be only the part of
+the request's KV held by this instance: partials from several instances combine with
+`merge_attn_states`. An empty range gives out = 0, lse = -inf. Query head h reads kv head
+`h // (H // KVH)`. out has q's dtype; lse is float32 (float64 for float64 q).
+"""
+from __future__ import annotations
+
+import torch
+
+from esp.kernels import checks
+from esp.kernels.backend import resolve_backend
+
+
+def decode_partial_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                             slots: torch.Tensor, cu_slots: torch.Tensor,
+                             softmax_scale: float | None = None, *, backend: str | None = None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check the inputs, then run the torch or Triton implementation (see `esp.kernels.backend`).
+
+    Slot values are not range-checked (that would cost a device sync per call).
+    """
+    checks.tensor("q", q, 3, checks.FLOAT_DTYPES)
+    dev = q.device
+    checks.tensor("k_cache", k_cache, 3, checks.FLOAT_DTYPES, dev)
+    checks.tensor("v_cache", v_cache, 3, checks.FLOAT_DTYPES, dev)
+    checks.same_dtype("q, k_cache and v_cache", q, k_cache, v_cache)
+    checks.tensor("slots", slots, 1, checks.INDEX_DTYPES, dev)
+    checks.tensor("cu_slots", cu_slots, 1, checks.INDEX_DTYPES, dev)
+    b, h, d = q.shape
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache shape {tuple(v_cache.shape)} differs from k_cache {tuple(k_cache.shape)}")
+    checks.dim("k_cache", k_cache, 2, d, "head dim of q")
+    checks.heads(h, k_cache.shape[1])
+    checks.dim("cu_slots", cu_slots, 0, b + 1, "one range per request, [B+1]")
+    cu = checks.offsets("cu_slots", cu_slots, slots.numel(), "entries of slots")
+    scale = checks.scale(softmax_scale, d)
+    if resolve_backend(backend, q) == "triton":
+        from esp.kernels.decode_triton import decode_partial_attention_triton
+        return decode_partial_attention_triton(q, k_cache, v_cache, slots, cu_slots, scale,
+                                               max_len=checks.max_len(cu))
+    return decode_partial_attention_ref(q, k_cache, v_cache, slots, cu_slots, scale)
+
+
+def decode_partial_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                 slots: torch.Tensor, cu_slots: torch.Tensor,
+                                 softmax_scale: float | None = None
+                                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference: gather each request's rows, dense softmax in float32 (float64 for float64 q)."""
+    b, h, d = q.shape
+    group = h // k_cache.shape[1]
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    acc = checks.lse_dtype(q.dtype)
+    out = torch.zeros((b, h, d), dtype=acc, device=q.device)
+    lse = torch.full((b, h), float("-inf"), dtype=acc, device=q.device)
+    cu = cu_slots.tolist()
+    for r, (start, end) in enumerate(zip(cu, cu[1:])):
+        if start == end:
+            continue
+        rows = slots[start:end]
+        kb = k_cache[rows].to(acc).repeat_interleave(group, dim=1)
+        vb = v_cache[rows].to(acc).repeat_interleave(group, dim=1)
+        scores = torch.einsum("hd,khd->hk", q[r].to(acc), kb) * scale
+        lse[r] = torch.logsumexp(scores, dim=-1)
+        out[r] = torch.einsum("hk,khd->hd", torch.softmax(scores, dim=-1), vb)
+    return out.to(q.dtype), lse
