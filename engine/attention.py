@@ -57,7 +57,7 @@ class StripedPrefill:
         row = offsets[origin, kq] + torch.div(kp - origin, n, rounding_mode="floor")
         self.blocks = []
         for j in range(n):
-            pos = torch.cat([torch.arange(j, L, n) for L in lengths]) if lengths else torch.empty(0)
+            pos = torch.cat([torch.arange(j, max(j, L), n) for L in lengths]) if lengths else torch.empty(0)
             cu = torch.zeros(len(lengths) + 1, dtype=torch.int64)
             cu[1:] = torch.cumsum(counts[j], 0)
             sel = origin == j

@@ -51,21 +51,27 @@ def decode_partial_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache
                                  slots: torch.Tensor, cu_slots: torch.Tensor,
                                  softmax_scale: float | None = None
                                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Torch reference: gather each request's rows, dense softmax in float32 (float64 for float64 q)."""
+    """Torch reference: gather every request's rows into a padded `[B, Lmax]` batch and take
+    one masked softmax, in float32 (float64 for float64 q)."""
     b, h, d = q.shape
-    group = h // k_cache.shape[1]
+    kvh = k_cache.shape[1]
+    group = h // kvh
     scale = d ** -0.5 if softmax_scale is None else softmax_scale
     acc = checks.lse_dtype(q.dtype)
-    out = torch.zeros((b, h, d), dtype=acc, device=q.device)
-    lse = torch.full((b, h), float("-inf"), dtype=acc, device=q.device)
-    cu = cu_slots.tolist()
-    for r, (start, end) in enumerate(zip(cu, cu[1:])):
-        if start == end:
-            continue
-        rows = slots[start:end]
-        kb = k_cache[rows].to(acc).repeat_interleave(group, dim=1)
-        vb = v_cache[rows].to(acc).repeat_interleave(group, dim=1)
-        scores = torch.einsum("hd,khd->hk", q[r].to(acc), kb) * scale
-        lse[r] = torch.logsumexp(scores, dim=-1)
-        out[r] = torch.einsum("hk,khd->hd", torch.softmax(scores, dim=-1), vb)
-    return out.to(q.dtype), lse
+    lengths = cu_slots[1:] - cu_slots[:-1]
+    width = int(lengths.max()) if b else 0
+    if width == 0:
+        return (torch.zeros((b, h, d), dtype=q.dtype, device=q.device),
+                torch.full((b, h), float("-inf"), dtype=acc, device=q.device))
+    offs = torch.arange(width, device=q.device)
+    valid = offs.unsqueeze(0) < lengths.unsqueeze(1)
+    rows = torch.where(valid, slots[(cu_slots[:-1].unsqueeze(1) + offs).clamp(max=max(slots.numel() - 1, 0))], 0)
+    kb = k_cache[rows].to(acc)
+    vb = v_cache[rows].to(acc)
+    qg = q.to(acc).view(b, kvh, group, d)
+    scores = torch.einsum("bkgd,blkd->bkgl", qg, kb) * scale
+    scores = scores.masked_fill(~valid.view(b, 1, 1, width), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    shift = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    out = torch.einsum("bkgl,blkd->bkgd", torch.exp(scores - shift.unsqueeze(-1)), vb)
+    return out.reshape(b, h, d).to(q.dtype), lse.reshape(b, h)
