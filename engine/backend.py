@@ -105,7 +105,13 @@ class WorkerGroup:
             self._pending[(step.step_id, rank)] = fut
             self.links[rank].send(step)
             futs.append(fut)
-        done: list[StepDone] = await asyncio.gather(*futs)
+        try:
+            done: list[StepDone] = await asyncio.gather(*futs)
+        except BackendError as err:
+            if len(step.group) > 1:
+                self._fail_all(f"an instance failed in a step of group {step.group} ({err}); "
+                               f"its peers cannot finish the step, so the engine must be restarted")
+            raise
         sampled = {rid: tok for d in done for rid, tok in d.sampled.items()}
         return StepResult(step.step_id, sampled, max(d.compute_s for d in done),
                           max(d.comm_s for d in done))

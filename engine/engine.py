@@ -85,7 +85,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         self.tokenizer = await loop.run_in_executor(None, Tokenizer.from_dir, self.config.model_dir)
         init = f"tcp://127.0.0.1:{free_port()}"
-        slots = self.config.kv_tokens_per_instance or self._auto_kv_slots()
+        slots = self.config.kv_tokens_per_instance or (self._auto_kv_slots() if self.config.device == "cpu" else None)
         specs = [WorkerSpec(rank, self.config.instances, str(self.config.model_dir),
                             self.config.instance_device(rank), self.config.dtype, slots,
                             self.config.threads, init) for rank in range(self.config.instances)]
@@ -223,6 +223,7 @@ class Engine:
             self.backend.release(rank, tuple(ids))
 
     def _auto_kv_slots(self) -> int:
+        """On CPU: 30% of available memory split over the instances, at most 4x the context."""
         cfg = self.model_config
         per_slot = KVPool.bytes_per_slot(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
                                          _dtype_of(self.config.dtype))

@@ -30,7 +30,7 @@ class WorkerSpec:
     model_dir: str
     device: str
     dtype: str
-    kv_slots: int
+    kv_slots: int | None
     threads: int
     dist_init: str
 
@@ -44,10 +44,17 @@ class Worker:
         self.device = torch.device(spec.device)
         self.model = load_model(spec.model_dir, resolve_dtype(spec.dtype, self.device), self.device)
         cfg = self.model.config
-        self.pool = KVPool(cfg.num_hidden_layers, spec.kv_slots, cfg.num_key_value_heads, cfg.head_dim,
-                           next(self.model.parameters()).dtype, self.device)
+        dtype = next(self.model.parameters()).dtype
+        slots = spec.kv_slots or self._slots_from_free_memory(cfg, dtype)
+        self.pool = KVPool(cfg.num_hidden_layers, slots, cfg.num_key_value_heads, cfg.head_dim, dtype, self.device)
         self.local: dict[int, SlotList] = {}
         self.comm = PeerComm(self.rank)
+
+    def _slots_from_free_memory(self, cfg, dtype: torch.dtype, fraction: float = 0.85) -> int:
+        """On a GPU: most of the memory left after loading the model."""
+        free, _ = torch.cuda.mem_get_info(self.device)
+        per_slot = KVPool.bytes_per_slot(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, dtype)
+        return max(1, int(free * fraction) // per_slot)
 
     @singledispatchmethod
     def handle(self, msg: object) -> object:
@@ -134,7 +141,7 @@ def worker_main(spec: WorkerSpec, conn) -> None:
         conn.send(WorkerFailed(spec.rank, None, f"worker {spec.rank} failed to start: {exc}",
                                traceback.format_exc()))
         return
-    conn.send(Ready(spec.rank, spec.kv_slots, spec.device, str(worker.pool.k.dtype)))
+    conn.send(Ready(spec.rank, worker.pool.num_slots, spec.device, str(worker.pool.k.dtype)))
     while True:
         try:
             msg = conn.recv()

@@ -20,7 +20,8 @@ from esp.engine.engine import Engine
 from esp.policies import (Batch, BatchingPolicy, ClusterView, DecodePlan, Dispatch, KeepPlan, Migration, PolicyOptions,
                           PolicySet, ScalingPolicy, SchedulingPolicy)
 
-pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.slow]
+pytestmark = pytest.mark.slow
+in_engine_loop = pytest.mark.asyncio(loop_scope="module")
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ def slots_all_free(engine) -> bool:
 
 @pytest.mark.parametrize("layout", [Layout(d, k, m) for d in (1, 2, 3, 4) for k in ("one", "two", "all")
                                     for m in ("last", "rotate") if not (d == 1 and k != "one")])
+@in_engine_loop
 async def test_greedy_tokens_equal_single_instance(engine, prompt, layout):
     reference = await generate(engine, prompt, Layout(1, "one", "last"))
     out = await generate(engine, prompt, layout)
@@ -128,6 +130,7 @@ async def test_greedy_tokens_equal_single_instance(engine, prompt, layout):
 
 
 @pytest.mark.parametrize("layout", [Layout(1, "one", "last", migrate=True), Layout(3, "all", "rotate", migrate=True)])
+@in_engine_loop
 async def test_migration_keeps_greedy_tokens(engine, prompt, layout):
     reference = await generate(engine, prompt, Layout(1, "one", "last"))
     out = await generate(engine, prompt, layout)
