@@ -27,7 +27,7 @@ def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: 
         sorted_probs, order = torch.sort(probs, descending=True)
         before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
         sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs / sorted_probs.sum())
     return probs
 
 

@@ -371,3 +371,32 @@ def test_missing_or_broken_files(tiny):
     assert str(tiny / "config.json") in load_error(tiny)
     (tiny / "config.json").unlink()
     assert str(tiny / "config.json") in load_error(tiny)
+
+
+@pytest.mark.parametrize("name", ["gqa", "tied", "theta500k"])
+@pytest.mark.parametrize("instances", [1, 2])
+def test_esp_run_generate_float64_greedy_equals_hf(tmp_path, name, instances):
+    """End to end through `esp-run generate` (worker processes, KV pool, kernels, sampling)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from esp.engine.config import bundled_model_dir
+
+    ckpt = make_random_checkpoint(tmp_path, seed=3, **CONFIGS[name])
+    shutil.copy(bundled_model_dir() / "tokenizer.model", ckpt / "tokenizer.model")
+    ids = prompt(40, seed=5)
+    hf = hf_model(ckpt, torch.float64)
+    hf.generation_config.eos_token_id = None
+    with torch.inference_mode(), hf_float64():
+        ref = hf.generate(ids[None], do_sample=False, max_new_tokens=12, pad_token_id=0)[0, len(ids):].tolist()
+    cmd = [sys.executable, "-m", "esp.cli.main", "generate", "--model", str(ckpt), "--dtype", "float64",
+           "--temperature", "0", "--ignore-eos", "--max-tokens", "12", "--instances", str(instances),
+           "--threads-per-instance", "1", "--kv-tokens-per-instance", "64",
+           "--prompt-ids", ",".join(map(str, ids.tolist())), "--json"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["token_ids"] == ref
+    assert len(out["esp"]["prefill_group"]) == instances
