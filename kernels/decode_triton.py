@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from esp.kernels.triton_util import acc_dtype, block_d, check_launchable, row_bytes
+from esp.kernels.triton_util import (acc_dtype, block_d, check_launchable, finish_softmax,
+                                     online_softmax_step, row_bytes)
 
 MAX_SPLITS = 64
 
@@ -50,18 +51,9 @@ def _decode_split_kernel(q, k_cache, v_cache, slots, cu, part_out, part_lse, sca
         vb = tl.load(v_cache + kv_offs, mask=kv_mask, other=0.0)
         s = tl.dot(qb, tl.trans(kb), input_precision="ieee").to(ACC) * scale
         s = tl.where(col_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - shift)
-        p = tl.exp(s - shift[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        pv = tl.dot(p.to(vb.dtype), vb, input_precision="ieee").to(ACC)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, s, vb, ACC)
 
-    has_key = l_i > 0
-    o = acc / tl.where(has_key, l_i, 1.0)[:, None]
-    row_lse = tl.where(has_key, m_i + tl.log(tl.where(has_key, l_i, 1.0)), float("-inf"))
+    o, row_lse = finish_softmax(m_i, l_i, acc)
     part = (req.to(tl.int64) * H + heads) * num_splits + split
     tl.store(part_out + part[:, None] * D + d[None, :], o, mask=g_ok[:, None] & d_ok[None, :])
     tl.store(part_lse + part, row_lse, mask=g_ok)

@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from esp.kernels.triton_util import acc_dtype, block_d, check_launchable, row_bytes
+from esp.kernels.triton_util import (acc_dtype, block_d, check_launchable, finish_softmax,
+                                     online_softmax_step, row_bytes)
 
 FAR = tl.constexpr(2 ** 62)
 
@@ -56,20 +57,11 @@ def _striped_kernel(q, k, v, q_pos, k_pos, cu_q, cu_k, out, lse, scale, H, KVH, 
             s = tl.dot(qb, tl.trans(kb), input_precision="ieee").to(ACC) * scale
             seen = (kp[None, :] <= qp[:, None]) & col_ok[None, :] & row_ok[:, None]
             s = tl.where(seen, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m_i - shift)
-            p = tl.exp(s - shift[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            pv = tl.dot(p.to(vb.dtype), vb, input_precision="ieee").to(ACC)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
+            m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, s, vb, ACC)
 
-    has_key = l_i > 0
-    o = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    o, row_lse = finish_softmax(m_i, l_i, acc)
     tl.store(out + (rows[:, None] * H + head) * D + d[None, :], o.to(out.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
-    row_lse = tl.where(has_key, m_i + tl.log(tl.where(has_key, l_i, 1.0)), float("-inf"))
     tl.store(lse + rows * H + head, row_lse.to(lse.dtype.element_ty), mask=row_ok)
 
 
