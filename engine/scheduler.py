@@ -216,6 +216,13 @@ class Scheduler:
         request that has filled every pool ends with an error instead."""
         running = [r for r in self.requests.values() if r.status is Status.RUNNING and not r.in_flight]
         if not running:
+            if self.waiting:
+                head = self.waiting.popleft()
+                self._finish(head, "error", f"policy {self.policies.name} cannot place a request of "
+                                            f"{len(head.all_ids)} tokens on an idle cluster with "
+                                            f"{self.free_slots()} free slots")
+                self.stuck.append(head)
+                return True
             return False
         victim = max(running, key=lambda r: (r.arrival, r.id))
         if len(running) == 1 and not self.waiting:

@@ -210,3 +210,16 @@ def test_migration_moves_the_last_tokens_and_frees_the_source_slots():
     assert s.free_slots() == [100 - 18 if i == src else 100 - 12 for i in range(2)]
     run_until_idle(s)
     assert s.free_slots() == [100, 100]
+
+
+def test_a_request_no_policy_decision_can_place_ends_with_an_error():
+    s = Scheduler(load_policy_set("replicas", PolicyOptions()), [10, 10])
+    big, small = make_request(1, 15), make_request(2, 3, max_tokens=2)
+    s.add(big)
+    s.add(small)
+    steps, failed = s.schedule()
+    assert failed == [big] and "replicas cannot place a request of 15 tokens" in big.error
+    assert [seq.request_id for seq in steps[0].seqs] == [2]
+    s.complete(steps[0].step_id, {2: 5})
+    run_until_idle(s)
+    assert small.finish_reason == "length" and s.free_slots() == [10, 10]

@@ -1,0 +1,34 @@
+"""Small pieces several policies share."""
+from __future__ import annotations
+
+from esp.policies.base import Batch, ClusterView, RequestView
+
+
+def running_on(view: ClusterView, rank: int) -> int:
+    """Running requests whose newest KV is on `rank` (each will want a slot there next step)."""
+    return sum(1 for r in view.running if r.kv_tokens and list(r.kv_tokens)[-1] == rank)
+
+
+def batches_by_holders(requests: list[RequestView], max_batch: int) -> list[Batch]:
+    """Decode batches on disjoint groups: requests whose KV holders overlap share a batch."""
+    groups: list[tuple[set[int], list[int]]] = []
+    for r in requests:
+        holders = set(r.kv_tokens)
+        touching = [g for g in groups if g[0] & holders]
+        merged = (holders.union(*(g[0] for g in touching)), [rid for g in touching for rid in g[1]] + [r.request_id])
+        groups = [g for g in groups if not (g[0] & holders)] + [merged]
+    return [Batch(tuple(ids[:max_batch]), tuple(sorted(ranks))) for ranks, ids in groups]
+
+
+def pick_master(r: RequestView, group: set[int], free: dict[int, int], spare: list[int]) -> int | None:
+    """The holder of the newest token if it has room, else the group member with the most free
+    slots, else a spare instance (scale-up, taken out of `spare` and added to `group`)."""
+    holders = list(r.kv_tokens)
+    candidates = holders[-1:] + sorted(group, key=lambda i: -free[i])
+    master = next((i for i in candidates if free[i] > 0), None)
+    if master is None and spare:
+        master = spare.pop(0)
+        group.add(master)
+    if master is not None:
+        free[master] -= 1
+    return master

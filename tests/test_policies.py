@@ -1,0 +1,60 @@
+"""Every registered bundle, on random cluster states: no decision breaks a scheduler rule."""
+from __future__ import annotations
+
+from types import MappingProxyType
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from esp.engine.validation import check_decode, check_dispatch, check_keep_plan, check_migrations
+from esp.policies import ClusterView, PolicyOptions, RequestView, available, load_policy_set
+
+BUNDLES = sorted(r.name for r in available() if r.kind == "policies")
+
+
+@st.composite
+def cluster_views(draw) -> ClusterView:
+    n = draw(st.integers(1, 4))
+    capacity = [draw(st.integers(16, 400)) for _ in range(n)]
+    used = [0] * n
+    running = []
+    for rid in range(draw(st.integers(0, 5))):
+        holders = draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=n, unique=True))
+        kv = {}
+        for h in holders:
+            take = min(draw(st.integers(1, 60)), capacity[h] - used[h])
+            if take > 0:
+                kv[h] = take
+                used[h] += take
+        if kv:
+            prompt = sum(kv.values())
+            running.append(RequestView(100 + rid, float(rid), prompt, 1, prompt + 50, MappingProxyType(kv)))
+    waiting = tuple(RequestView(rid, 10.0 + rid, draw(st.integers(1, 300)), 0, draw(st.integers(1, 64)))
+                    for rid in range(draw(st.integers(0, 6))))
+    idle = frozenset(draw(st.lists(st.integers(0, n - 1), unique=True)))
+    in_step = {r.request_id for r in running if not set(r.kv_tokens) <= idle and draw(st.booleans())}
+    return ClusterView(now=100.0, capacity=tuple(capacity), free_slots=tuple(c - u for c, u in zip(capacity, used)),
+                       idle=idle, waiting=waiting,
+                       running=tuple(r for r in running if r.request_id not in in_step))
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(view=cluster_views())
+def test_decisions_keep_every_rule(name, view):
+    p = load_policy_set(name, PolicyOptions(max_prefill_tokens=512))
+    dispatch = p.scheduling.dispatch(view)
+    if dispatch.request_ids:
+        check_dispatch(p.scheduling, view, dispatch)
+        batches = p.batching.prefill_batches(view, dispatch)
+        for batch in batches:
+            check_keep_plan(p, view, dispatch, batch, p.scaling.keep_plan(view, batch), batches)
+    moves = p.scaling.migrations(view)
+    check_migrations(p.scaling, view, moves)
+    decode = p.batching.decode_batches(view, view.idle)
+    for batch in decode:
+        check_decode(p, view, batch, p.scaling.decode_plan(view, batch), decode)
+
+
+def test_every_bundle_is_listed():
+    assert {"loong", "replicas", "static-sp", "disagg"} <= set(BUNDLES)
