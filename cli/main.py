@@ -52,14 +52,19 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads-per-instance", type=positive_int, help="CPU threads per instance (default: cores / N)")
     g.add_argument("--max-prefill-tokens", type=positive_int, default=16384)
     g.add_argument("--max-batch-size", type=positive_int, default=256)
+    g.add_argument("--prefill-instances", type=positive_int, help="disagg: instances that only prefill")
+    g.add_argument("--decode-instances", type=positive_int, help="disagg: instances that only decode")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
+    options = {k: getattr(args, k) for k in ("prefill_instances", "decode_instances") if getattr(args, k)}
+    if sum(options.values()) > args.instances:
+        raise CLIError(f"--prefill-instances plus --decode-instances exceed --instances {args.instances}")
     return EngineConfig(
         model=args.model, instances=args.instances, device=args.device, dtype=args.dtype,
         kv_tokens_per_instance=args.kv_tokens_per_instance, threads_per_instance=args.threads_per_instance,
         policy=args.policy, scheduling=args.scheduling, batching=args.batching, scaling=args.scaling,
-        max_prefill_tokens=args.max_prefill_tokens, max_batch_size=args.max_batch_size)
+        max_prefill_tokens=args.max_prefill_tokens, max_batch_size=args.max_batch_size, policy_options=options)
 
 
 def build_parser() -> Parser:

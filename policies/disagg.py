@@ -1,6 +1,7 @@
 """`disagg`: P prefill instances and D decode instances (DistServe style). Prefill runs on
 the prefill instances; after it, each request's KV is moved whole to one decode instance,
-where it decodes. Options: `prefill_instances` (default: half, at least one)."""
+where it decodes. Options (`--prefill-instances`, `--decode-instances`): P defaults to half
+the instances, D to the rest."""
 from __future__ import annotations
 
 from esp.policies.base import (Batch, BatchingPolicy, ClusterView, DecodePlan, Dispatch, KeepPlan, Migration,
@@ -10,10 +11,12 @@ from esp.policies.fcfs import FCFSScheduling, GreedyScaling
 
 
 def split(view: ClusterView, options: PolicyOptions) -> tuple[frozenset[int], frozenset[int]]:
+    """Prefill instances first, decode instances after them. With one instance it does both."""
     n = view.num_instances
-    p = int(options.extra.get("prefill_instances", max(1, n // 2)))
+    p = int(options.extra.get("prefill_instances") or max(1, n // 2))
     p = min(max(p, 1), max(n - 1, 1))
-    return frozenset(range(p)), frozenset(range(p, n)) or frozenset(range(p))
+    d = int(options.extra.get("decode_instances") or n - p)
+    return frozenset(range(p)), frozenset(range(p, min(n, p + d))) or frozenset(range(p))
 
 
 class DisaggScheduling(SchedulingPolicy):
