@@ -25,6 +25,7 @@ from esp.engine.tokenizer import Tokenizer
 from esp.engine.worker import WorkerSpec
 from esp.engine.backend import free_port
 from esp.policies import PolicyOptions, PolicySet, load_policy_set
+from esp.policies.cost_model import CostModel
 
 log = logging.getLogger("esp.engine")
 
@@ -91,7 +92,7 @@ class Engine:
                             self.config.threads, init) for rank in range(self.config.instances)]
         self.backend = WorkerGroup(specs)
         await self.backend.start()
-        self.scheduler = Scheduler(self.policies, self.backend.kv_slots)
+        self.scheduler = Scheduler(self.policies, self.backend.kv_slots, cost_model=self.default_cost_model())
         self._loop_task = asyncio.create_task(self._run(), name="esp-engine-loop")
         return self
 
@@ -222,6 +223,19 @@ class Engine:
         for rank, ids in self.scheduler.take_releases().items():
             self.backend.release(rank, tuple(ids))
 
+    def default_cost_model(self) -> CostModel:
+        """A roofline from the model's shape: about 20 GFLOP/s per CPU thread, or H100-class
+        numbers on CUDA (profiles measured by `esp-run profile` replace it)."""
+        cfg = self.model_config
+        cuda = self.config.device == "cuda"
+        return CostModel.roofline(
+            num_layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, heads=cfg.num_attention_heads,
+            kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, intermediate=cfg.intermediate_size,
+            vocab=cfg.vocab_size, dtype_bytes=_dtype_of(self.config.dtype, self.config.device).itemsize,
+            flops_per_s=989e12 if cuda else 20e9 * self.config.threads,
+            mem_bytes_per_s=3.35e12 if cuda else 10e9, link_bytes_per_s=450e9 if cuda else 5e9,
+            max_dop=self.config.instances, name="roofline-cuda" if cuda else "roofline-cpu")
+
     def _auto_kv_slots(self) -> int:
         """On CPU: 30% of available memory split over the instances, at most 4x the context."""
         cfg = self.model_config
@@ -231,8 +245,10 @@ class Engine:
         return max(1024, min(int(budget // per_slot), 4 * cfg.max_position_embeddings))
 
 
-def _dtype_of(name: str):
+def _dtype_of(name: str, device: str = "cpu"):
     import torch
+    if name == "auto":
+        name = "bfloat16" if device == "cuda" else "float32"
     return {"float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
 
 

@@ -20,6 +20,7 @@ from esp.engine.request import Request, Status
 from esp.engine.validation import (PolicyViolation, check_decode, check_dispatch, check_keep_plan,
                                    check_migrations)
 from esp.policies.base import Batch, ClusterView, PolicySet, RequestView
+from esp.policies.cost_model import CostModel
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,10 @@ class InFlight:
 
 
 class Scheduler:
-    def __init__(self, policies: PolicySet, kv_slots: list[int], clock=time.monotonic) -> None:
+    def __init__(self, policies: PolicySet, kv_slots: list[int], clock=time.monotonic,
+                 cost_model: CostModel | None = None) -> None:
         self.policies = policies
+        self.cost_model = cost_model
         self.allocators = [SlotAllocator(n) for n in kv_slots]
         self.clock = clock
         self.requests: dict[int, Request] = {}
@@ -76,7 +79,7 @@ class Scheduler:
             now=now, capacity=tuple(a.num_slots for a in self.allocators),
             free_slots=tuple(a.num_free for a in self.allocators),
             idle=frozenset(range(len(self.allocators))) - self.busy,
-            waiting=tuple(self._view(r, now) for r in self.waiting), running=running)
+            waiting=tuple(self._view(r, now) for r in self.waiting), running=running, cost_model=self.cost_model)
 
     @staticmethod
     def _view(r: Request, now: float) -> RequestView:

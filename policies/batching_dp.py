@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import Callable, Sequence
 
-PrefillTime = Callable[[Sequence[int], int], float]
+PrefillTime = Callable[[int, int, int, int], float]
+"""`(sum of lengths, sum of squared lengths, count, dop) -> seconds`, e.g. `CostModel.prefill_time_of_sums`."""
 
 
 @dataclass(frozen=True)
@@ -30,13 +31,15 @@ class _Costs:
     def __init__(self, lengths: Sequence[int], free: Sequence[int], prefill_time: PrefillTime) -> None:
         self.lengths, self.prefill_time = lengths, prefill_time
         self.tokens = [0, *accumulate(lengths)]
+        self.squares = [0, *accumulate(n * n for n in lengths)]
         self.inv = [0.0, *accumulate(1.0 / n for n in lengths)]
         self.room = [0, *accumulate(free)]
 
     def __call__(self, k: int, i: int, l: int, j: int) -> float:
         if self.tokens[i] - self.tokens[k] > self.room[j] - self.room[l]:
             return math.inf
-        return self.prefill_time(self.lengths[k:i], j - l) * (self.inv[i] - self.inv[k])
+        t = self.prefill_time(self.tokens[i] - self.tokens[k], self.squares[i] - self.squares[k], i - k, j - l)
+        return t * (self.inv[i] - self.inv[k])
 
 
 def plan_batches(lengths: Sequence[int], free: Sequence[int],

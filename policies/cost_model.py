@@ -32,10 +32,14 @@ class CostModel:
 
     def prefill_time(self, lengths: Sequence[int], dop: int = 1) -> float:
         """Seconds for one prefill batch of these prompt lengths on `dop` instances."""
-        if not lengths:
+        return self.prefill_time_of_sums(sum(lengths), sum(n * n for n in lengths), len(lengths), dop)
+
+    def prefill_time_of_sums(self, tokens: int, squares: int, count: int, dop: int = 1) -> float:
+        """`prefill_time` from the batch's sum of lengths and sum of squared lengths."""
+        if count == 0:
             return 0.0
         a, b, c = self._coeffs(self.prefill, dop)
-        return a + b * sum(lengths) + c * sum(n * n for n in lengths)
+        return a + b * tokens + c * squares
 
     def decode_time(self, batch_size: int, kv_tokens: int, dop: int = 1) -> float:
         """Seconds for one decode step of `batch_size` requests holding `kv_tokens` in total."""

@@ -23,8 +23,8 @@ def close(a: float, b: float) -> bool:
 @given(cases)
 def test_dp_equals_brute_force(case):
     lengths, free = case
-    cost, splits = plan_batches(lengths, free, COST.prefill_time)
-    assert close(cost, brute_force(lengths, free, COST.prefill_time))
+    cost, splits = plan_batches(lengths, free, COST.prefill_time_of_sums)
+    assert close(cost, brute_force(lengths, free, COST.prefill_time_of_sums))
     if cost < math.inf:
         assert [s.r0 for s in splits][0] == 0 and splits[-1].r1 == len(lengths)
         assert all(a.r1 == b.r0 and a.i1 <= b.i0 for a, b in zip(splits, splits[1:]))

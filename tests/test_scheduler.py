@@ -135,13 +135,25 @@ def test_abort_while_waiting():
 
 
 def test_preempts_newest_when_no_slot_is_left():
-    s = Scheduler(loong(), [12])
+    s = Scheduler(load_policy_set("loong", PolicyOptions(), scheduling="fcfs"), [12])
     old, new = make_request(1, 5, max_tokens=6), make_request(2, 5, max_tokens=6)
     s.add(old)
     s.add(new)
     run_until_idle(s)
     assert old.finish_reason == new.finish_reason == "length"
     assert new.esp["preemptions"] >= 1 and old.esp["preemptions"] == 0
+    assert s.free_slots() == [12]
+
+
+def test_loong_admits_on_future_kv_so_it_need_not_preempt():
+    s = Scheduler(loong(), [12])
+    old, new = make_request(1, 5, max_tokens=6), make_request(2, 5, max_tokens=6)
+    s.add(old)
+    s.add(new)
+    steps = run_until_idle(s)
+    assert old.finish_reason == new.finish_reason == "length"
+    assert new.esp["preemptions"] == old.esp["preemptions"] == 0
+    assert [seq.request_id for seq in steps[0].seqs] == [1]
     assert s.free_slots() == [12]
 
 
