@@ -393,10 +393,10 @@ def test_esp_run_generate_float64_greedy_equals_hf(tmp_path, name, instances):
         ref = hf.generate(ids[None], do_sample=False, max_new_tokens=12, pad_token_id=0)[0, len(ids):].tolist()
     cmd = [sys.executable, "-m", "esp.cli.main", "generate", "--model", str(ckpt), "--dtype", "float64",
            "--temperature", "0", "--ignore-eos", "--max-tokens", "12", "--instances", str(instances),
-           "--threads-per-instance", "1", "--kv-tokens-per-instance", "64",
+           "--threads-per-instance", "1", "--kv-tokens-per-instance", "64", "--policy", "static-sp",
            "--prompt-ids", ",".join(map(str, ids.tolist())), "--json"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["token_ids"] == ref
-    assert len(out["esp"]["prefill_group"]) == instances
+    assert len(out["esp"]["prefill_group"]) == instances == len(out["esp"]["keep_plan"])
