@@ -28,7 +28,8 @@ async def measure(instances: int, prompt: list[int], repeat: int, dtype: str) ->
             if i:  # the first run warms up
                 ttfts.append(out.timing.ttft_s)
                 shares.append(stat.comm_s / max(stat.comm_s + stat.compute_s, 1e-9))
-    return {"instances": instances, "ttft_s": statistics.median(ttfts), "comm_share": statistics.median(shares)}
+    return {"instances": instances, "prefill_group": list(stat.group), "ttft_s": statistics.median(ttfts),
+            "comm_share": statistics.median(shares)}
 
 
 async def main() -> None:
