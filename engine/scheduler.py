@@ -17,8 +17,8 @@ from esp.engine.protocol import (DecodeBatch, DecodeSeq, KeepRange, MigrateKV, P
                                  SampleSpec,
                                  Step)
 from esp.engine.request import Request, Status
-from esp.engine.validation import (PolicyViolation, check_decode, check_dispatch, check_keep_plan,
-                                   check_migrations)
+from esp.engine.validation import (PolicyViolation, check_decode, check_decode_batches, check_dispatch,
+                                   check_keep_plan, check_migrations)
 from esp.policies.base import Batch, ClusterView, PolicySet, RequestView
 from esp.policies.cost_model import CostModel
 
@@ -147,19 +147,21 @@ class Scheduler:
         return self._launch(PrefillBatch(self._step_id(), batch.group, tuple(seqs)), batch)
 
     def _schedule_decode(self) -> list[Step]:
+        """Decode batches on disjoint groups; each batch's plan sees the instances that the
+        batches planned before it took as busy, so scale-up never takes one twice."""
         view = self.view()
         if not view.running:
             return []
         p = self.policies
-        steps = []
         batches = p.batching.decode_batches(view, view.idle)
+        check_decode_batches(p.batching, view, batches)
+        steps = []
         for batch in batches:
             plan = p.scaling.decode_plan(view, batch)
-            check_decode(p, view, batch, plan, batches)
-            if not plan.masters:
-                continue
-            steps.append(self._decode_step(batch, plan))
-            view = self.view()
+            check_decode(p, view, batch, plan)
+            if plan.masters:
+                steps.append(self._decode_step(batch, plan))
+                view = self.view()
         return steps
 
     def _decode_step(self, batch: Batch, plan) -> DecodeBatch:

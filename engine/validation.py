@@ -61,12 +61,18 @@ def check_keep_plan(p: PolicySet, view: ClusterView, d: Dispatch, batch: Batch, 
     _require(not over, p.scaling, f"keep plan exceeds the free slots of instances {over}", ids)
 
 
-def check_decode(p: PolicySet, view: ClusterView, batch: Batch, plan: DecodePlan, batches: list[Batch]) -> None:
+def check_decode_batches(policy: object, view: ClusterView, batches: list[Batch]) -> None:
+    ids = [rid for b in batches for rid in b.request_ids]
+    running = {r.request_id for r in view.running}
+    _require(len(set(ids)) == len(ids) and set(ids) <= running, policy,
+             "decode batches name a request twice or one that is not running", ids)
+    check_groups(policy, view, [b.group for b in batches], ids)
+
+
+def check_decode(p: PolicySet, view: ClusterView, batch: Batch, plan: DecodePlan) -> None:
+    """One batch's plan, against the view it was planned on (earlier batches' groups busy)."""
     ids = batch.request_ids
     running = {r.request_id: r for r in view.running}
-    _require(len(set(ids)) == len(ids) and set(ids) <= set(running), p.batching,
-             "decode batch names a request twice or one that is not running", ids)
-    check_groups(p.batching, view, [b.group for b in batches], ids)
     _require(set(batch.group) <= set(plan.group), p.scaling, "decode plan drops instances of the batch", ids)
     check_groups(p.scaling, view, [plan.group], ids)
     _require(set(plan.masters) <= set(ids), p.scaling, "a master is given to a request outside the batch", ids)

@@ -1,12 +1,14 @@
 """Every registered bundle, on random cluster states: no decision breaks a scheduler rule."""
 from __future__ import annotations
 
+from dataclasses import replace
 from types import MappingProxyType
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from esp.engine.validation import check_decode, check_dispatch, check_keep_plan, check_migrations
+from esp.engine.validation import (check_decode, check_decode_batches, check_dispatch, check_keep_plan,
+                                   check_migrations)
 from esp.policies import ClusterView, PolicyOptions, RequestView, available, load_policy_set
 
 BUNDLES = sorted(r.name for r in available() if r.kind == "policies")
@@ -52,8 +54,10 @@ def test_decisions_keep_every_rule(name, view):
     moves = p.scaling.migrations(view)
     check_migrations(p.scaling, view, moves)
     decode = p.batching.decode_batches(view, view.idle)
+    check_decode_batches(p.batching, view, decode)
     for batch in decode:
-        check_decode(p, view, batch, p.scaling.decode_plan(view, batch), decode)
+        check_decode(p, view, batch, p.scaling.decode_plan(view, batch))
+        view = replace(view, idle=view.idle - set(batch.group))
 
 
 def test_every_bundle_is_listed():

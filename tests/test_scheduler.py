@@ -235,3 +235,21 @@ def test_a_request_no_policy_decision_can_place_ends_with_an_error():
     s.complete(steps[0].step_id, {2: 5})
     run_until_idle(s)
     assert small.finish_reason == "length" and s.free_slots() == [10, 10]
+
+
+def test_two_decode_batches_on_disjoint_instances_in_one_schedule():
+    s = Scheduler(load_policy_set("replicas", PolicyOptions()), [32, 32])
+    a, b = make_request(1, 5, max_tokens=3), make_request(2, 5, max_tokens=3)
+    s.add(a)
+    s.add(b)
+    steps, failed = s.schedule()
+    assert not failed and sorted(st.group for st in steps) == [(0,), (1,)]
+    for st in steps:
+        s.complete(st.step_id, {seq.request_id: 5 for seq in st.seqs})
+    steps, failed = s.schedule()
+    assert not failed and sorted(st.group for st in steps) == [(0,), (1,)]
+    assert all(isinstance(st, DecodeBatch) for st in steps)
+    for st in steps:
+        s.complete(st.step_id, {seq.request_id: 5 for seq in st.seqs})
+    run_until_idle(s)
+    assert a.finish_reason == b.finish_reason == "length" and s.free_slots() == [32, 32]
