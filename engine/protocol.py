@@ -5,7 +5,7 @@ with its prefill; decode steps carry one token id and one slot per request.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from esp.engine.sampling_params import SamplingParams
 

@@ -44,7 +44,7 @@ def striped_attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_
     if cu_q.shape != cu_k.shape:
         raise ValueError(f"cu_q {tuple(cu_q.shape)} and cu_k {tuple(cu_k.shape)} must both be [B+1]")
     cq = checks.offsets("cu_q", cu_q, tq, "query rows")
-    ck = checks.offsets("cu_k", cu_k, tk, "key rows")
+    checks.offsets("cu_k", cu_k, tk, "key rows")
     scale = checks.scale(softmax_scale, d)
     if resolve_backend(backend, q) == "triton":
         from esp.kernels.prefill_triton import striped_attention_step_triton

@@ -5,7 +5,6 @@ single-instance run of the same prompt.
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 import subprocess

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from esp.engine.protocol import DecodeBatch, PrefillBatch
-from esp.engine.request import Request, Status
+from esp.engine.request import Request
 from esp.engine.sampling_params import SamplingParams
 from esp.engine.scheduler import Scheduler
 from esp.policies import Batch, DecodePlan, KeepPlan, PolicyOptions, load_policy_set
