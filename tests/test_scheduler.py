@@ -1,6 +1,8 @@
 """The scheduler on CPU with hand-made worker outputs (no processes, no model)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from esp.engine.protocol import DecodeBatch, PrefillBatch
@@ -187,17 +189,12 @@ class MasterOutsideGroup(GreedyScaling):
                                            (MasterOutsideGroup, "outside the group")])
 def test_policy_violation_is_a_clear_error_and_state_stays_intact(scaling, rule):
     bundle = loong()
-    bad = type(bundle)(bundle.name, bundle.scheduling, bundle.batching, scaling(PolicyOptions()))
-    s = Scheduler(bad, [32])
-    r = make_request(1, 5)
-    s.add(r)
-    if scaling is MasterOutsideGroup:
-        good = Scheduler(loong(), [32])
-        s = good
-        s.add(r := make_request(2, 5))
+    s = Scheduler(bundle, [32])
+    s.add(r := make_request(1, 5))
+    if scaling is MasterOutsideGroup:  # the bad decision comes at the first decode step
         steps, _ = s.schedule()
-        s.complete(steps[0].step_id, {2: 5})
-        s.policies = bad
+        s.complete(steps[0].step_id, {1: 5})
+    s.policies = replace(bundle, scaling=scaling(PolicyOptions()))
     steps, failed = s.schedule()
     assert steps == [] and failed == [r]
     assert r.finish_reason == "error" and scaling.__name__ in r.error and rule in r.error
