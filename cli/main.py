@@ -54,6 +54,8 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch-size", type=positive_int, default=256)
     g.add_argument("--prefill-instances", type=positive_int, help="disagg: instances that only prefill")
     g.add_argument("--decode-instances", type=positive_int, help="disagg: instances that only decode")
+    g.add_argument("--chunk-size", type=positive_int, help="chunked: tokens per step, decodes plus prompt chunks "
+                                                           "(default 2048)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -64,7 +66,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         model=args.model, instances=args.instances, device=args.device, dtype=args.dtype,
         kv_tokens_per_instance=args.kv_tokens_per_instance, threads_per_instance=args.threads_per_instance,
         policy=args.policy, scheduling=args.scheduling, batching=args.batching, scaling=args.scaling,
-        max_prefill_tokens=args.max_prefill_tokens, max_batch_size=args.max_batch_size, policy_options=options)
+        max_prefill_tokens=args.max_prefill_tokens, max_batch_size=args.max_batch_size,
+        policy_options=options | ({"chunk_size": args.chunk_size} if args.chunk_size else {}))
 
 
 def build_parser() -> Parser:

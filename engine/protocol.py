@@ -30,23 +30,6 @@ class KeepRange:
 
 
 @dataclass(frozen=True)
-class PrefillSeq:
-    request_id: int
-    token_ids: list[int]
-    keep: tuple[KeepRange, ...]
-    sample: SampleSpec
-
-
-@dataclass(frozen=True)
-class PrefillBatch:
-    """Striped prefill of `seqs` on `group`: global token g lives on `group[g % len(group)]`."""
-
-    step_id: int
-    group: tuple[int, ...]
-    seqs: tuple[PrefillSeq, ...]
-
-
-@dataclass(frozen=True)
 class DecodeSeq:
     """One decode token: `master` embeds `token_id` at `position`, stores its KV in `slot`.
 
@@ -60,6 +43,40 @@ class DecodeSeq:
     slot: int
     holders: tuple[int, ...]
     sample: SampleSpec
+
+
+@dataclass(frozen=True)
+class PrefillSeq:
+    """Prompt tokens at global positions `[start, start + len(token_ids))` of a request.
+
+    `start > 0` is a chunk over KV the group already holds (chunked prefill, one-instance groups);
+    `sample` is None for a chunk that does not end the prompt.
+    """
+
+    request_id: int
+    token_ids: list[int]
+    keep: tuple[KeepRange, ...]
+    sample: SampleSpec | None
+    start: int = 0
+
+
+@dataclass(frozen=True)
+class PrefillBatch:
+    """Striped prefill of `seqs` on `group`: global token g lives on `group[g % len(group)]`.
+
+    `decode` rides along in the same forward pass (chunked prefill mixed into decode, Sarathi
+    style); like chunks over cached KV it needs a one-instance group.
+    """
+
+    step_id: int
+    group: tuple[int, ...]
+    seqs: tuple[PrefillSeq, ...]
+    decode: tuple[DecodeSeq, ...] = ()
+
+    @property
+    def mixed(self) -> bool:
+        """Chunks or decode riders: the step runs as `MixedStep` on its one instance."""
+        return bool(self.decode) or any(s.start or s.sample is None for s in self.seqs)
 
 
 @dataclass(frozen=True)

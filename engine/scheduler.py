@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 from esp.engine.kv_pool import SlotAllocator
@@ -18,8 +18,8 @@ from esp.engine.protocol import (DecodeBatch, DecodeSeq, KeepRange, MigrateKV, P
                                  Step)
 from esp.engine.request import Request, Status
 from esp.engine.validation import (PolicyViolation, check_decode, check_decode_batches, check_dispatch,
-                                   check_keep_plan, check_migrations)
-from esp.policies.base import Batch, ClusterView, PolicySet, RequestView
+                                   check_keep_plan, check_migrations, check_riders)
+from esp.policies.base import Batch, ClusterView, DecodePlan, PolicySet, RequestView
 from esp.policies.cost_model import CostModel
 
 
@@ -79,7 +79,7 @@ class Scheduler:
             now=now, capacity=tuple(a.num_slots for a in self.allocators),
             free_slots=tuple(a.num_free for a in self.allocators),
             idle=frozenset(range(len(self.allocators))) - self.busy,
-            waiting=tuple(self._view(r, now) for r in self.waiting), running=running, cost_model=self.cost_model)
+            waiting=tuple(self._view(r, now) for r in self.waiting if not r.in_flight), running=running, cost_model=self.cost_model)
 
     @staticmethod
     def _view(r: Request, now: float) -> RequestView:
@@ -127,24 +127,50 @@ class Scheduler:
         plans = [(b, p.scaling.keep_plan(view, b)) for b in batches]
         for batch, plan in plans:
             check_keep_plan(p, view, dispatch, batch, plan, [b for b, _ in plans])
-        return [self._prefill_step(batch, plan.ranges) for batch, plan in plans]
+        check_riders(p.batching, view, batches)
+        free = list(view.free_slots)
+        for _, plan in plans:
+            for parts in plan.ranges.values():
+                for rank, n in parts:
+                    free[rank] -= n
+        after_keep = replace(view, free_slots=tuple(free))
+        riders = []
+        for batch in batches:
+            rider = Batch(batch.decode_ids, batch.group)
+            plan = p.scaling.decode_plan(after_keep, rider) if batch.decode_ids else None
+            if plan is not None:
+                check_decode(p, after_keep, rider, plan, fixed_group=True)
+            riders.append(plan)
+        return [self._prefill_step(batch, plan.ranges, rider)
+                for (batch, plan), rider in zip(plans, riders)]
 
-    def _prefill_step(self, batch: Batch, ranges) -> PrefillBatch:
+    def _prefill_step(self, batch: Batch, ranges, riders: DecodePlan | None) -> PrefillBatch:
+        """Prefill (or a chunk of it: tokens after the KV a request holds) with decode riders."""
         seqs = []
         for rid in batch.request_ids:
             req = self.requests[rid]
-            self.waiting.remove(req)
-            req.status, req.in_flight = Status.RUNNING, True
-            keep, start = [], 0
+            first = start = req.num_kv
+            end = start + sum(n for _, n in ranges[rid])
+            final = end == len(req.all_ids)
+            if final:
+                self.waiting.remove(req)
+                req.status = Status.RUNNING
+            req.in_flight = True
+            keep = []
             for rank, n in ranges[rid]:
                 slots = self.allocators[rank].allocate(n)
                 req.placement.setdefault(rank, []).extend(slots)
                 keep.append(KeepRange(rank, start, start + n, slots))
                 start += n
-            req.esp["prefill"].append({"group": list(batch.group),
-                                       "keep": {str(r): n for r, n in ranges[rid]}})
-            seqs.append(PrefillSeq(rid, req.all_ids, tuple(keep), self._sample_spec(req)))
-        return self._launch(PrefillBatch(self._step_id(), batch.group, tuple(seqs)), batch)
+            record = {"group": list(batch.group), "keep": {str(r): n for r, n in ranges[rid]}}
+            if first or not final:
+                record["chunk"] = [first, end]
+            req.esp["prefill"].append(record)
+            seqs.append(PrefillSeq(rid, req.all_ids[first:end], tuple(keep),
+                                   self._sample_spec(req) if final else None, first))
+        decode = self._decode_seqs(batch.decode_ids, riders) if riders else ()
+        step = PrefillBatch(self._step_id(), batch.group, tuple(seqs), decode)
+        return self._launch(step, Batch(batch.request_ids + tuple(d.request_id for d in decode), batch.group))
 
     def _schedule_decode(self) -> list[Step]:
         """Decode batches on disjoint groups; each batch's plan sees the instances that the
@@ -164,9 +190,14 @@ class Scheduler:
                 view = self.view()
         return steps
 
-    def _decode_step(self, batch: Batch, plan) -> DecodeBatch:
+    def _decode_step(self, batch: Batch, plan: DecodePlan) -> DecodeBatch:
+        seqs = self._decode_seqs(batch.request_ids, plan)
+        return self._launch(DecodeBatch(self._step_id(), tuple(plan.group), seqs),
+                            Batch(tuple(s.request_id for s in seqs), tuple(plan.group)))
+
+    def _decode_seqs(self, request_ids: tuple[int, ...], plan: DecodePlan) -> tuple[DecodeSeq, ...]:
         seqs = []
-        for rid in batch.request_ids:
+        for rid in request_ids:
             if rid not in plan.masters:
                 continue
             req, master = self.requests[rid], plan.masters[rid]
@@ -183,8 +214,7 @@ class Scheduler:
             req.esp["masters"][str(master)] = req.esp["masters"].get(str(master), 0) + 1
             seqs.append(DecodeSeq(rid, req.output_ids[-1], position, master, slot,
                                   tuple(req.placement), self._sample_spec(req)))
-        return self._launch(DecodeBatch(self._step_id(), tuple(plan.group), tuple(seqs)),
-                            Batch(tuple(s.request_id for s in seqs), tuple(plan.group)))
+        return tuple(seqs)
 
     def _schedule_migrations(self) -> list[Step]:
         view = self.view()
@@ -220,6 +250,7 @@ class Scheduler:
         """Last resort when nothing can run: recompute the newest running request later. A lone
         request that has filled every pool ends with an error instead."""
         running = [r for r in self.requests.values() if r.status is Status.RUNNING and not r.in_flight]
+        running += [r for r in self.waiting if r.placement and not r.in_flight]
         if not running:
             if self.waiting:
                 head = self.waiting.popleft()
@@ -236,9 +267,10 @@ class Scheduler:
             self.stuck.append(victim)
             return False
         self._free(victim)
-        victim.status = Status.WAITING
         victim.esp["preemptions"] += 1
-        self.waiting.appendleft(victim)
+        if victim.status is Status.RUNNING:
+            victim.status = Status.WAITING
+            self.waiting.appendleft(victim)
         return True
 
     # -- update -------------------------------------------------------------------------
@@ -259,6 +291,8 @@ class Scheduler:
                 req.append(sampled[rid])
                 if req.finish_reason:
                     self._finish(req, req.finish_reason)
+            elif req.status is Status.WAITING:
+                continue
             else:
                 self._finish(req, "error", f"step {step_id} returned no token for this request")
             touched.append(req)
@@ -291,6 +325,8 @@ class Scheduler:
         return SampleSpec(req.params, req.seed, len(req.output_ids))
 
     def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
+        if req.status is Status.WAITING and req in self.waiting:
+            self.waiting.remove(req)
         if not req.finish_reason:
             req.finish(reason, error)
         self._free(req)

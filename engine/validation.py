@@ -2,6 +2,8 @@
 naming the policy and the rule, before any engine state changes."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from esp.policies.base import Batch, ClusterView, DecodePlan, Dispatch, KeepPlan, Migration, PolicySet
 
 
@@ -45,20 +47,46 @@ def check_keep_plan(p: PolicySet, view: ClusterView, d: Dispatch, batch: Batch, 
     _require(set(batch.group) <= set(d.instances), p.batching,
              f"prefill group {batch.group} leaves the dispatched instances {d.instances}", ids)
     check_groups(p.batching, view, [b.group for b in batches], ids)
-    by_id = {r.request_id: r for r in view.waiting}
+    check_chunks(p.batching, view, batch, ids)
+    tokens = batch.prefill_tokens(view)
     use = dict.fromkeys(range(view.num_instances), 0)
     for rid in batch.request_ids:
         parts = plan.ranges.get(rid)
         _require(parts is not None, p.scaling, f"keep plan misses request {rid}", ids)
         _require(all(n > 0 and rank in batch.group for rank, n in parts), p.scaling,
                  f"keep plan of request {rid} keeps tokens outside group {batch.group} or empty ranges", ids)
-        _require(sum(n for _, n in parts) == by_id[rid].prompt_len, p.scaling,
-                 f"keep plan of request {rid} covers {sum(n for _, n in parts)} of "
-                 f"{by_id[rid].prompt_len} prompt tokens", ids)
+        _require(sum(n for _, n in parts) == tokens[rid], p.scaling,
+                 f"keep plan of request {rid} covers {sum(n for _, n in parts)} of the "
+                 f"{tokens[rid]} prompt tokens this step processes", ids)
         for rank, n in parts:
             use[rank] += n
     over = [r for r, n in use.items() if n > view.free_slots[r]]
     _require(not over, p.scaling, f"keep plan exceeds the free slots of instances {over}", ids)
+
+
+def check_chunks(policy: object, view: ClusterView, batch: Batch, ids) -> None:
+    """Chunks and decode riders: sizes within the prompt, on the one instance holding the prefix."""
+    by_id = {r.request_id: r for r in view.waiting}
+    _require(set(batch.chunk_tokens) <= set(batch.request_ids), policy,
+             "chunk sizes are given for requests outside the batch", ids)
+    for rid, n in batch.chunk_tokens.items():
+        _require(0 < n <= by_id[rid].remaining_prompt, policy,
+                 f"chunk of {n} tokens for request {rid}, which has {by_id[rid].remaining_prompt} left", ids)
+    partial = [rid for rid in batch.request_ids if by_id[rid].kv_tokens]
+    if batch.chunk_tokens or batch.decode_ids or partial:
+        _require(len(batch.group) == 1, policy,
+                 f"chunked prefill and decode riders need a one-instance group, got {batch.group}", ids)
+    for rid in partial:
+        _require(set(by_id[rid].kv_tokens) == set(batch.group), policy,
+                 f"request {rid} continues its prompt on {batch.group} but its KV is on "
+                 f"{sorted(by_id[rid].kv_tokens)}", ids)
+
+
+def check_riders(policy: object, view: ClusterView, batches: list[Batch]) -> None:
+    riders = [rid for b in batches for rid in b.decode_ids]
+    running = {r.request_id for r in view.running}
+    _require(len(set(riders)) == len(riders) and set(riders) <= running, policy,
+             "decode riders name a request twice or one that is not running", riders)
 
 
 def check_decode_batches(policy: object, view: ClusterView, batches: list[Batch]) -> None:
@@ -69,10 +97,15 @@ def check_decode_batches(policy: object, view: ClusterView, batches: list[Batch]
     check_groups(policy, view, [b.group for b in batches], ids)
 
 
-def check_decode(p: PolicySet, view: ClusterView, batch: Batch, plan: DecodePlan) -> None:
-    """One batch's plan, against the view it was planned on (earlier batches' groups busy)."""
+def check_decode(p: PolicySet, view: ClusterView, batch: Batch, plan: DecodePlan, fixed_group: bool = False) -> None:
+    """One batch's plan, against the view it was planned on (earlier batches' groups busy).
+    Decode riders of a prefill step keep its group (`fixed_group`)."""
     ids = batch.request_ids
     running = {r.request_id: r for r in view.running}
+    if fixed_group:
+        _require(set(plan.group) == set(batch.group), p.scaling,
+                 f"decode riders must stay on their prefill group {batch.group}, not {plan.group}", ids)
+        view = replace(view, idle=view.idle | set(batch.group))
     _require(set(batch.group) <= set(plan.group), p.scaling, "decode plan drops instances of the batch", ids)
     check_groups(p.scaling, view, [plan.group], ids)
     _require(set(plan.masters) <= set(ids), p.scaling, "a master is given to a request outside the batch", ids)

@@ -14,6 +14,7 @@ from functools import singledispatchmethod
 import torch
 
 from esp.engine.attention import DistributedDecode, StripedPrefill
+from esp.engine.chunked import MixedStep
 from esp.engine.comm import PeerComm
 from esp.engine.kv_pool import KVPool, SlotList
 from esp.engine.protocol import (DecodeBatch, MigrateKV, PrefillBatch, Ready, Release, SampleSpec, Shutdown,
@@ -62,6 +63,8 @@ class Worker:
 
     @handle.register
     def _(self, msg: PrefillBatch) -> StepDone:
+        if msg.mixed:
+            return self._mixed(msg)
         t0 = time.perf_counter()
         ctx = StripedPrefill(msg, self.rank, self.pool, self.comm, self.device)
         ids = torch.tensor([t for s in msg.seqs for t in s.token_ids[ctx.index::len(msg.group)]],
@@ -76,6 +79,17 @@ class Worker:
             rows = torch.tensor([ctx.last_rows[s.request_id] for s in owned], dtype=torch.int64,
                                 device=self.device)
             sampled = self._sample(hidden[rows], [s.request_id for s in owned], [s.sample for s in owned])
+        return self._done(msg.step_id, sampled, t0)
+
+    def _mixed(self, msg: PrefillBatch) -> StepDone:
+        t0 = time.perf_counter()
+        ctx = MixedStep(msg, self.rank, self.pool, self.local, self.device)
+        with torch.inference_mode():
+            hidden = self.model(ctx.input_ids, ctx.positions, ctx)
+            ids = list(ctx.last_rows) + [d.request_id for d in msg.decode]
+            rows = list(ctx.last_rows.values()) + list(range(ctx.num_prefill, len(ctx.input_ids)))
+            specs = [s.sample for s in msg.seqs if s.sample is not None] + [d.sample for d in msg.decode]
+            sampled = self._sample(hidden[torch.tensor(rows, dtype=torch.int64, device=self.device)], ids, specs)
         return self._done(msg.step_id, sampled, t0)
 
     @handle.register

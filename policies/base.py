@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 class RequestView:
     """A request as policies see it. `prompt_len` is what its prefill processes (the prompt,
     plus already generated tokens after a recompute preemption); `kv_tokens` maps rank to
-    KV tokens held there (empty while waiting)."""
+    KV tokens held there (empty while waiting, unless a chunk of its prompt already ran)."""
 
     request_id: int
     arrival_s: float
@@ -27,6 +27,11 @@ class RequestView:
     @property
     def context_len(self) -> int:
         return sum(self.kv_tokens.values())
+
+    @property
+    def remaining_prompt(self) -> int:
+        """Prompt tokens still to prefill (fewer than `prompt_len` after a chunk of it ran)."""
+        return self.prompt_len - self.context_len
 
     @property
     def max_kv_tokens(self) -> int:
@@ -62,10 +67,23 @@ class Dispatch:
 
 @dataclass(frozen=True)
 class Batch:
-    """Requests that run one step together on `group` (prefill or decode)."""
+    """Requests that run one step together on `group` (prefill or decode).
+
+    Chunked prefill (one-instance groups only): `chunk_tokens` maps a request to the prompt
+    tokens this step processes (absent: the rest of its prompt), continuing after the KV it
+    already holds; `decode_ids` are running requests whose decode token rides along in the
+    same step.
+    """
 
     request_ids: tuple[int, ...]
     group: tuple[int, ...]
+    chunk_tokens: Mapping[int, int] = field(default_factory=lambda: MappingProxyType({}))
+    decode_ids: tuple[int, ...] = ()
+
+    def prefill_tokens(self, view: ClusterView) -> dict[int, int]:
+        """Prompt tokens this step processes for each request."""
+        waiting = {r.request_id: r for r in view.waiting}
+        return {rid: self.chunk_tokens.get(rid, waiting[rid].remaining_prompt) for rid in self.request_ids}
 
 
 @dataclass(frozen=True)

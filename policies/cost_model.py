@@ -95,3 +95,9 @@ class CostModel:
     @classmethod
     def load(cls, path: str | Path) -> CostModel:
         return cls.from_json(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def load_profile(cls, name_or_path: str | Path) -> CostModel:
+        """A named roofline preset (`esp.policies.presets.preset_names()`) or a JSON profile path."""
+        from esp.policies.presets import load_profile
+        return load_profile(name_or_path)

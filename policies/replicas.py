@@ -49,8 +49,8 @@ class ReplicaScaling(ScalingPolicy):
     request waits when its instance is full."""
 
     def keep_plan(self, view: ClusterView, batch: Batch) -> KeepPlan:
-        lengths = {r.request_id: r.prompt_len for r in view.waiting}
-        return KeepPlan({rid: ((batch.group[0], lengths[rid]),) for rid in batch.request_ids})
+        tokens = batch.prefill_tokens(view)
+        return KeepPlan({rid: ((batch.group[0], tokens[rid]),) for rid in batch.request_ids})
 
     def decode_plan(self, view: ClusterView, batch: Batch) -> DecodePlan:
         free = {i: view.free_slots[i] for i in batch.group}

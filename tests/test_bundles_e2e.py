@@ -42,10 +42,11 @@ def solo():
     return tokens
 
 
-@pytest.mark.parametrize("policy", ["loong", "replicas", "static-sp", "disagg"])
-def test_bundle_finishes_everything_with_solo_tokens(solo, policy):
+@pytest.mark.parametrize("policy, options", [("loong", {}), ("replicas", {}), ("static-sp", {}), ("disagg", {}),
+                                             ("chunked", {"chunk_size": 256})])
+def test_bundle_finishes_everything_with_solo_tokens(solo, policy, options):
     config = EngineConfig(instances=4, dtype="float64", kv_tokens_per_instance=1500, threads_per_instance=1,
-                          policy=policy)
+                          policy=policy, policy_options=options)
     tokens, all_free = asyncio.run(run_all(config, sequential=False))
     assert tokens == solo
     assert all_free

@@ -22,7 +22,7 @@ def test_cli_generate_json_is_greedy_and_matches_the_engine():
 
 @pytest.mark.parametrize("args, message", [
     (["generate"], "one of the arguments --prompt --prompt-ids is required"),
-    (["generate", "--prompt", "x", "--policy", "nope"], "unknown policy 'nope'; choices: disagg, loong, replicas, static-sp"),
+    (["generate", "--prompt", "x", "--policy", "nope"], "unknown policy 'nope'; choices: chunked, disagg, loong, replicas, static-sp"),
     (["generate", "--prompt-ids", "1,a"], "comma-separated integers"),
     (["serve", "--instances", "0"], "positive integer"),
 ])

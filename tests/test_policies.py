@@ -8,14 +8,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from esp.engine.validation import (check_decode, check_decode_batches, check_dispatch, check_keep_plan,
-                                   check_migrations)
-from esp.policies import ClusterView, PolicyOptions, RequestView, available, load_policy_set
+                                   check_migrations, check_riders)
+from esp.policies import Batch, ClusterView, PolicyOptions, RequestView, available, load_policy_set
 
 BUNDLES = sorted(r.name for r in available() if r.kind == "policies")
 
 
 @st.composite
-def cluster_views(draw) -> ClusterView:
+def cluster_views(draw, partial: bool = False) -> ClusterView:
+    """Random cluster states; with `partial`, some waiting requests hold the KV of a first
+    chunk of their prompt on one instance (only chunked prefill makes those)."""
     n = draw(st.integers(1, 4))
     capacity = [draw(st.integers(16, 400)) for _ in range(n)]
     used = [0] * n
@@ -31,26 +33,44 @@ def cluster_views(draw) -> ClusterView:
         if kv:
             prompt = sum(kv.values())
             running.append(RequestView(100 + rid, float(rid), prompt, 1, prompt + 50, MappingProxyType(kv)))
-    waiting = tuple(RequestView(rid, 10.0 + rid, draw(st.integers(1, 300)), 0, draw(st.integers(1, 64)))
-                    for rid in range(draw(st.integers(0, 6))))
+    waiting = []
+    for rid in range(draw(st.integers(0, 6))):
+        prompt, kv = draw(st.integers(1, 300)), {}
+        if partial and prompt > 1 and draw(st.booleans()):
+            h = draw(st.integers(0, n - 1))
+            take = min(draw(st.integers(1, prompt - 1)), capacity[h] - used[h])
+            if take > 0:
+                kv = {h: take}
+                used[h] += take
+        waiting.append(RequestView(rid, 10.0 + rid, prompt, 0, draw(st.integers(1, 64)), MappingProxyType(kv)))
     idle = frozenset(draw(st.lists(st.integers(0, n - 1), unique=True)))
     in_step = {r.request_id for r in running if not set(r.kv_tokens) <= idle and draw(st.booleans())}
     return ClusterView(now=100.0, capacity=tuple(capacity), free_slots=tuple(c - u for c, u in zip(capacity, used)),
-                       idle=idle, waiting=waiting,
+                       idle=idle, waiting=tuple(waiting),
                        running=tuple(r for r in running if r.request_id not in in_step))
 
 
 @pytest.mark.parametrize("name", BUNDLES)
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(view=cluster_views())
-def test_decisions_keep_every_rule(name, view):
-    p = load_policy_set(name, PolicyOptions(max_prefill_tokens=512))
+@given(data=st.data())
+def test_decisions_keep_every_rule(name, data):
+    view = data.draw(cluster_views(partial=name == "chunked"))
+    p = load_policy_set(name, PolicyOptions(max_prefill_tokens=512, extra={"chunk_size": 64}))
     dispatch = p.scheduling.dispatch(view)
     if dispatch.request_ids:
         check_dispatch(p.scheduling, view, dispatch)
         batches = p.batching.prefill_batches(view, dispatch)
+        free = list(view.free_slots)
         for batch in batches:
-            check_keep_plan(p, view, dispatch, batch, p.scaling.keep_plan(view, batch), batches)
+            plan = p.scaling.keep_plan(view, batch)
+            check_keep_plan(p, view, dispatch, batch, plan, batches)
+            for rank, n in (part for parts in plan.ranges.values() for part in parts):
+                free[rank] -= n
+        check_riders(p.batching, view, batches)
+        after_keep = replace(view, free_slots=tuple(free))
+        for batch in (b for b in batches if b.decode_ids):
+            riders = Batch(batch.decode_ids, batch.group)
+            check_decode(p, after_keep, riders, p.scaling.decode_plan(after_keep, riders), fixed_group=True)
     moves = p.scaling.migrations(view)
     check_migrations(p.scaling, view, moves)
     decode = p.batching.decode_batches(view, view.idle)
@@ -61,4 +81,4 @@ def test_decisions_keep_every_rule(name, view):
 
 
 def test_every_bundle_is_listed():
-    assert {"loong", "replicas", "static-sp", "disagg"} <= set(BUNDLES)
+    assert {"loong", "replicas", "chunked", "static-sp", "disagg"} <= set(BUNDLES)

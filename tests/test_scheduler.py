@@ -185,7 +185,7 @@ class MasterOutsideGroup(GreedyScaling):
         return DecodePlan(batch.group, {rid: 99 for rid in batch.request_ids})
 
 
-@pytest.mark.parametrize("scaling, rule", [(DropsTokens, "covers 4 of 5 prompt tokens"),
+@pytest.mark.parametrize("scaling, rule", [(DropsTokens, "covers 4 of the 5 prompt tokens"),
                                            (MasterOutsideGroup, "outside the group")])
 def test_policy_violation_is_a_clear_error_and_state_stays_intact(scaling, rule):
     bundle = loong()

@@ -1,0 +1,1 @@
+"""`esp-run bench`: workload generation, request replay, metrics and plots."""

@@ -1,0 +1,79 @@
+"""The attention callback of a mixed step on one instance: prefill chunks over cached KV and
+decode tokens in one forward pass (chunked prefill, Sarathi / SplitFuse style; DESIGN 6).
+
+Rows are the chunks' tokens first, then one row per decode token. Every row's K/V is stored
+before attention, so a chunk row attends, causally by global position, to its request's
+whole local slot list (cached prefix plus this chunk), and a decode row to all of its slots.
+"""
+from __future__ import annotations
+
+import torch
+
+from esp.engine.kv_pool import KVPool, SlotList
+from esp.engine.protocol import PrefillBatch
+from esp.kernels import decode_partial_attention, store_kv, striped_attention_step
+
+
+def _cu(lengths: list[int], device: torch.device) -> torch.Tensor:
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    cu[1:] = torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0)
+    return cu.to(device)
+
+
+def _cat(parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    return torch.cat(parts).to(device) if parts else torch.empty(0, dtype=torch.int64, device=device)
+
+
+class MixedStep:
+    def __init__(self, batch: PrefillBatch, rank: int, pool: KVPool, local: dict[int, SlotList],
+                 device: torch.device) -> None:
+        if batch.group != (rank,):
+            raise ValueError(f"a mixed step runs on one instance, got group {batch.group}")
+        self.pool = pool
+        store, q_pos, k_pos, ctx, q_lens, k_lens, self.last_rows = [], [], [], [], [], [], {}
+        for s in batch.seqs:
+            slots = [slot for kr in s.keep for slot in kr.slots]
+            if len(slots) != len(s.token_ids) or any(kr.rank != rank for kr in s.keep):
+                raise ValueError(f"request {s.request_id}: a chunk must keep all its tokens on instance {rank}")
+            held = local.setdefault(s.request_id, SlotList(device))
+            if len(held) != s.start:
+                raise ValueError(f"request {s.request_id}: chunk starts at {s.start} but {len(held)} tokens are cached")
+            held.extend(slots)
+            store.append(torch.tensor(slots, dtype=torch.int64))
+            q_pos.append(torch.arange(s.start, s.start + len(slots)))
+            k_pos.append(torch.arange(len(held)))
+            ctx.append(held.tensor())
+            q_lens.append(len(slots))
+            k_lens.append(len(held))
+            if s.sample is not None:
+                self.last_rows[s.request_id] = sum(q_lens) - 1
+        self.num_prefill = sum(q_lens)
+        self.decode = batch.decode
+        for d in self.decode:
+            local.setdefault(d.request_id, SlotList(device)).extend([d.slot])
+        store.append(torch.tensor([d.slot for d in self.decode], dtype=torch.int64))
+        decode_ctx = [local[d.request_id].tensor() for d in self.decode]
+        self.store_slots = _cat(store, device)
+        self.q_pos, self.k_pos = _cat(q_pos, device), _cat(k_pos, device)
+        self.ctx_slots = _cat(ctx, device)
+        self.cu_q, self.cu_k = _cu(q_lens, device), _cu(k_lens, device)
+        self.decode_slots = _cat(decode_ctx, device)
+        self.decode_cu = _cu([len(x) for x in decode_ctx], device)
+        self.positions = torch.cat([self.q_pos, torch.tensor([d.position for d in self.decode],
+                                                             dtype=torch.int64, device=device)])
+        self.input_ids = torch.tensor([t for s in batch.seqs for t in s.token_ids] +
+                                      [d.token_id for d in self.decode], dtype=torch.int64, device=device)
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        pool_k, pool_v = self.pool.k[layer], self.pool.v[layer]
+        store_kv(pool_k, pool_v, self.store_slots, k, v)
+        p = self.num_prefill
+        outs = []
+        if p:
+            o, _ = striped_attention_step(q[:p], pool_k[self.ctx_slots], pool_v[self.ctx_slots],
+                                          self.q_pos, self.k_pos, self.cu_q, self.cu_k)
+            outs.append(o)
+        if self.decode:
+            o, _ = decode_partial_attention(q[p:], pool_k, pool_v, self.decode_slots, self.decode_cu)
+            outs.append(o)
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
