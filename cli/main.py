@@ -1,4 +1,4 @@
-"""`esp-run`: serve (the default), generate, policies."""
+"""`esp-run`: serve (the default), generate, profile, policies."""
 from __future__ import annotations
 
 import argparse
@@ -9,7 +9,7 @@ import sys
 from esp.engine.config import EngineConfig
 from esp.engine.sampling_params import SamplingParams
 
-COMMANDS = ("serve", "generate", "policies")
+COMMANDS = ("serve", "generate", "profile", "policies", "bench")
 
 
 class CLIError(Exception):
@@ -90,7 +90,18 @@ def build_parser() -> Parser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     add_engine_flags(gen)
+    prof = sub.add_parser("profile", help="measure step times on the workers and fit a cost-model profile")
+    prof.add_argument("--out", required=True, help="where to write the profile (JSON, for CostModel.load)")
+    prof.add_argument("--quick", action="store_true", help="few points, 1 repeat, max-len 1024 (about a minute)")
+    prof.add_argument("--max-len", type=positive_int, help="longest prompt measured (default: min(8192, pool, "
+                                                           "model context))")
+    prof.add_argument("--repeats", type=positive_int, help="timings per point, median taken (default 2, quick 1)")
+    add_engine_flags(prof)
     sub.add_parser("policies", help="list installed policies by kind")
+    from esp.cli.bench.runner import add_bench_flags
+    bench = sub.add_parser("bench", help="benchmark policies x request rates on a trace (DESIGN 8)")
+    add_engine_flags(bench)
+    add_bench_flags(bench)
     return parser
 
 
@@ -141,6 +152,23 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_profile(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from esp.engine.profiler import Profiler, ProfileOptions, summary_lines
+
+    config = engine_config(args)
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise CLIError(f"--out: directory {str(out.parent)!r} does not exist")
+    data, report = await Profiler(config, ProfileOptions(args.quick, args.max_len, args.repeats)).run()
+    out.write_text(json.dumps(data, indent=1) + "\n")
+    for line in summary_lines(report):
+        print(line)
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_policies() -> int:
     from esp.policies import available
 
@@ -164,8 +192,13 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "policies":
             return cmd_policies()
+        if args.command == "bench":
+            from esp.cli.bench.runner import cmd_bench
+            return cmd_bench(args)
         if args.command == "generate":
             return run_async(cmd_generate(args))
+        if args.command == "profile":
+            return run_async(cmd_profile(args))
         return run_async(cmd_serve(args))
     except CLIError as err:
         print(f"esp-run: error: {err}", file=sys.stderr)
@@ -178,4 +211,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the imported module's main, so `except CLIError` also catches what esp.cli.bench raises
+    from esp.cli.main import main as _main
+    sys.exit(_main())

@@ -14,8 +14,10 @@ def bundled_model_dir() -> Path:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """`kv_tokens_per_instance=None` sizes each pool from free memory; `threads_per_instance=None`
-    splits the CPU cores evenly (at least one each)."""
+    """`kv_tokens_per_instance=None` sizes each pool from free memory (under the simulator: from
+    the profile); `threads_per_instance=None` splits the CPU cores evenly (at least one each).
+    `backend="sim"` replaces the worker processes by the simulator (`esp.engine.sim`); `profile`
+    names the cost model (a preset or a JSON file) that policies read and the simulator runs on."""
 
     model: str | None = None
     instances: int = 1
@@ -30,10 +32,14 @@ class EngineConfig:
     max_prefill_tokens: int = 16384
     max_batch_size: int = 256
     policy_options: dict = field(default_factory=dict)
+    backend: str = "real"
+    profile: str | None = None
 
     def __post_init__(self) -> None:
         if self.instances < 1:
             raise ValueError(f"instances must be at least 1, got {self.instances}")
+        if self.backend not in ("real", "sim"):
+            raise ValueError(f"backend must be real or sim, got {self.backend!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", "float32", "float64", "bfloat16", "float16"):

@@ -6,7 +6,6 @@ import asyncio
 import itertools
 import logging
 import random
-import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
@@ -21,11 +20,13 @@ from esp.engine.protocol import MigrateKV, PrefillBatch, Step
 from esp.engine.request import Request
 from esp.engine.sampling_params import SamplingParams
 from esp.engine.scheduler import Scheduler
+from esp.engine.sim import SimBackend, SimTokenizer, SyntheticPrompt
 from esp.engine.tokenizer import Tokenizer
 from esp.engine.worker import WorkerSpec
 from esp.engine.backend import free_port
 from esp.policies import PolicyOptions, PolicySet, load_policy_set
 from esp.policies.cost_model import CostModel
+from esp.policies.presets import load_profile
 
 log = logging.getLogger("esp.engine")
 
@@ -64,7 +65,8 @@ class Engine:
             config.policy, PolicyOptions(config.max_prefill_tokens, config.max_batch_size, config.policy_options),
             scheduling=config.scheduling, batching=config.batching, scaling=config.scaling)
         self.tokenizer: Tokenizer | None = None
-        self.backend: WorkerGroup | None = None
+        self.backend: WorkerGroup | SimBackend | None = None
+        self.cost_model: CostModel | None = None
         self.scheduler: Scheduler | None = None
         self._queues: dict[int, asyncio.Queue] = {}
         self._ids: dict[str, int] = {}
@@ -80,9 +82,22 @@ class Engine:
 
     @property
     def max_model_len(self) -> int:
+        if self.config.backend == "sim":
+            return int(self.cost_model.meta.get("max_context") or self.model_config.max_position_embeddings)
         return self.model_config.max_position_embeddings
 
     async def start(self) -> Engine:
+        self.cost_model = load_profile(self.config.profile) if self.config.profile else self.default_cost_model()
+        if self.config.backend == "sim":
+            await self._start_sim()
+        else:
+            await self._start_workers()
+        loop = asyncio.get_running_loop()
+        self.scheduler = Scheduler(self.policies, self.backend.kv_slots, clock=loop.time, cost_model=self.cost_model)
+        self._loop_task = asyncio.create_task(self._run(), name="esp-engine-loop")
+        return self
+
+    async def _start_workers(self) -> None:
         loop = asyncio.get_running_loop()
         self.tokenizer = await loop.run_in_executor(None, Tokenizer.from_dir, self.config.model_dir)
         init = f"tcp://127.0.0.1:{free_port()}"
@@ -92,9 +107,14 @@ class Engine:
                             self.config.threads, init) for rank in range(self.config.instances)]
         self.backend = WorkerGroup(specs)
         await self.backend.start()
-        self.scheduler = Scheduler(self.policies, self.backend.kv_slots, cost_model=self.default_cost_model())
-        self._loop_task = asyncio.create_task(self._run(), name="esp-engine-loop")
-        return self
+
+    async def _start_sim(self) -> None:
+        slots = self.config.kv_tokens_per_instance or self.cost_model.meta.get("kv_tokens_per_instance")
+        if not slots:
+            raise ValueError(f"the sim backend needs --kv-tokens-per-instance: profile {self.cost_model.name} "
+                             f"does not give the instances' KV capacity")
+        self.tokenizer = SimTokenizer()
+        self.backend = SimBackend([int(slots)] * self.config.instances, self.cost_model)
 
     async def stop(self) -> None:
         if self._loop_task:
@@ -143,16 +163,19 @@ class Engine:
             self._forget(req)
 
     async def encode(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt (the simulator also takes a `SyntheticPrompt`: a length only)."""
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt is empty")
             if len(prompt) > _LONG_TEXT:
                 return await asyncio.get_running_loop().run_in_executor(None, self.tokenizer.encode, prompt)
             return self.tokenizer.encode(prompt)
+        if isinstance(prompt, SyntheticPrompt) and self.config.backend == "sim":
+            return prompt
         if not isinstance(prompt, list) or not prompt:
             raise ValueError("prompt must be a non-empty string or a non-empty list of token ids")
         vocab = self.model_config.vocab_size
-        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in prompt):
+        if set(map(type, prompt)) != {int} or min(prompt) < 0 or max(prompt) >= vocab:
             raise ValueError(f"token ids must be integers in [0, {vocab})")
         return list(prompt)
 
@@ -181,7 +204,7 @@ class Engine:
             raise ValueError(f"request id {external!r} is already in use")
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         return Request(next(self._counter), external, ids, params, seed, self.tokenizer.eos_token_ids,
-                       self.tokenizer.detokenizer(ids))
+                       self.tokenizer.detokenizer(ids), clock=asyncio.get_running_loop().time)
 
     def _forget(self, req: Request) -> None:
         self._queues.pop(req.id, None)
@@ -201,10 +224,11 @@ class Engine:
             self._wake.clear()
 
     async def _execute(self, step: Step) -> None:
-        t0 = time.perf_counter()
+        clock = asyncio.get_running_loop().time
+        t0 = clock()
         try:
             result = await self.backend.run(step)
-            self.step_stats.append(StepStat.of(step, result, time.perf_counter() - t0))
+            self.step_stats.append(StepStat.of(step, result, clock() - t0))
             touched = self.scheduler.complete(step.step_id, result.sampled)
         except BackendError as err:
             log.error("step %d on %s failed: %s", step.step_id, step.group, err)

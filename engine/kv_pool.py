@@ -40,10 +40,12 @@ class SlotAllocator:
         if not slots:
             return
         idx = np.asarray(slots, dtype=np.int64)
-        if self._free[idx].any() or len(np.unique(idx)) != len(idx):
+        if self._free[idx].any():
             raise RuntimeError("double free of KV slots")
         self._free[idx] = True
-        self.num_free += len(idx)
+        expected, self.num_free = self.num_free + len(idx), int(np.count_nonzero(self._free))
+        if self.num_free != expected:
+            raise RuntimeError("double free of KV slots (a slot is listed twice)")
 
     def _first_run(self, n: int) -> int:
         padded = np.concatenate(([False], self._free, [False])).astype(np.int8)

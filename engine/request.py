@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from esp.engine.outputs import RequestOutput, Timing
 from esp.engine.sampling_params import SamplingParams
@@ -18,7 +19,8 @@ class Status(enum.Enum):
 @dataclass
 class Request:
     """Owned by the scheduler. `placement` is `{rank: [slots]}` in position order, with ranks
-    in the order their ranges appear in the sequence."""
+    in the order their ranges appear in the sequence. Times come from `clock` (the event
+    loop's, which is virtual under the simulator)."""
 
     id: int
     external_id: str
@@ -27,11 +29,13 @@ class Request:
     seed: int
     eos_ids: frozenset[int]
     detokenizer: object
-    arrival: float = field(default_factory=time.monotonic)
+    clock: Callable[[], float] = field(default=time.monotonic, repr=False, compare=False)
+    arrival: float | None = None
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     status: Status = Status.WAITING
     placement: dict[int, list[int]] = field(default_factory=dict)
+    placement_version: int = 0
     first_token_at: float | None = None
     finished_at: float | None = None
     finish_reason: str | None = None
@@ -43,6 +47,10 @@ class Request:
     _sent_text: int = 0
     _sent_tokens: int = 0
 
+    def __post_init__(self) -> None:
+        if self.arrival is None:
+            self.arrival = self.clock()
+
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
@@ -53,7 +61,7 @@ class Request:
 
     def append(self, token: int) -> None:
         """Add one sampled token and decide whether the request is now finished."""
-        now = time.monotonic()
+        now = self.clock()
         self.first_token_at = self.first_token_at or now
         self.output_ids.append(token)
         if token in self.eos_ids and not self.params.ignore_eos:
@@ -76,7 +84,7 @@ class Request:
         self.status = Status.FINISHED
         self.finish_reason = reason
         self.error = error
-        self.finished_at = time.monotonic()
+        self.finished_at = self.clock()
 
     def take_output(self) -> RequestOutput:
         """The delta since the last call. While running, text that could still become a stop
@@ -90,7 +98,8 @@ class Request:
         return RequestOutput(
             request_id=self.external_id, new_token_ids=new_ids, new_text=new_text,
             token_ids=list(self.output_ids), text=self.text[:upto], prompt_tokens=len(self.prompt_ids),
-            finish_reason=self.finish_reason, error=self.error, timing=self.timing(), esp=self.esp_summary())
+            finish_reason=self.finish_reason, error=self.error, timing=self.timing(),
+            esp=self.esp_summary() if self.finish_reason else {})
 
     def timing(self) -> Timing:
         ttft = self.first_token_at - self.arrival if self.first_token_at else None

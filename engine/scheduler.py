@@ -19,8 +19,34 @@ from esp.engine.protocol import (DecodeBatch, DecodeSeq, KeepRange, MigrateKV, P
 from esp.engine.request import Request, Status
 from esp.engine.validation import (PolicyViolation, check_decode, check_decode_batches, check_dispatch,
                                    check_keep_plan, check_migrations, check_riders)
-from esp.policies.base import Batch, ClusterView, DecodePlan, PolicySet, RequestView
+from esp.policies.base import Batch, ClusterView, DecodePlan, PolicySet, RequestView, ScalingPolicy
 from esp.policies.cost_model import CostModel
+
+
+class WaitingQueue(deque):
+    """The waiting queue, with an `epoch` that changes whenever it or a member's state does,
+    so the policies' view of it is rebuilt only then."""
+
+    epoch = 0
+
+    def touch(self) -> None:
+        self.epoch += 1
+
+    def append(self, item) -> None:
+        super().append(item)
+        self.touch()
+
+    def appendleft(self, item) -> None:
+        super().appendleft(item)
+        self.touch()
+
+    def remove(self, item) -> None:
+        super().remove(item)
+        self.touch()
+
+    def popleft(self):
+        self.touch()
+        return super().popleft()
 
 
 @dataclass(frozen=True)
@@ -37,11 +63,14 @@ class Scheduler:
         self.allocators = [SlotAllocator(n) for n in kv_slots]
         self.clock = clock
         self.requests: dict[int, Request] = {}
-        self.waiting: deque[Request] = deque()
+        self.waiting = WaitingQueue()
+        self.running: dict[int, Request] = {}
+        self._waiting_view: tuple[int, tuple[RequestView, ...]] = (-1, ())
         self.busy: set[int] = set()
         self.in_flight: dict[int, InFlight] = {}
         self.releases: dict[int, list[int]] = {}
         self.stuck: list[Request] = []
+        self._views: dict[int, tuple[tuple, RequestView]] = {}
         self._next_step = 0
 
     # -- intake -------------------------------------------------------------------------
@@ -73,39 +102,58 @@ class Scheduler:
     # -- schedule -----------------------------------------------------------------------
     def view(self) -> ClusterView:
         now = self.clock()
-        running = tuple(self._view(r, now) for r in self.requests.values()
-                        if r.status is Status.RUNNING and not r.in_flight)
+        running = tuple(self._view(r, now) for r in self.running.values() if not r.in_flight)
         return ClusterView(
             now=now, capacity=tuple(a.num_slots for a in self.allocators),
             free_slots=tuple(a.num_free for a in self.allocators),
             idle=frozenset(range(len(self.allocators))) - self.busy,
-            waiting=tuple(self._view(r, now) for r in self.waiting if not r.in_flight), running=running, cost_model=self.cost_model)
+            waiting=self._waiting_views(now), running=running, cost_model=self.cost_model)
 
-    @staticmethod
-    def _view(r: Request, now: float) -> RequestView:
-        return RequestView(r.id, r.arrival, len(r.all_ids) if r.status is Status.WAITING else len(r.prompt_ids),
-                           len(r.output_ids), r.params.max_tokens,
+    def _waiting_views(self, now: float) -> tuple[RequestView, ...]:
+        epoch, views = self._waiting_view
+        if epoch != self.waiting.epoch:
+            views = tuple(self._view(r, now) for r in self.waiting if not r.in_flight)
+            self._waiting_view = (self.waiting.epoch, views)
+        return views
+
+    def _view(self, r: Request, now: float) -> RequestView:
+        """The request's view, rebuilt only after its status, tokens or placement changed."""
+        key = (r.status, len(r.output_ids), r.placement_version)
+        cached = self._views.get(r.id)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        prompt = len(r.prompt_ids) + len(r.output_ids) if r.status is Status.WAITING else len(r.prompt_ids)
+        view = RequestView(r.id, r.arrival, prompt, len(r.output_ids), r.params.max_tokens,
                            MappingProxyType({k: len(v) for k, v in r.placement.items()}))
+        self._views[r.id] = (key, view)
+        return view
 
     def schedule(self) -> tuple[list[Step], list[Request]]:
         """Steps to run now, and requests that failed because a policy broke a rule."""
         steps: list[Step] = []
         failed: list[Request] = []
+        migrates = type(self.policies.scaling).migrations is not ScalingPolicy.migrations
         while True:
-            if self.waiting and len(self.busy) < len(self.allocators):
-                steps += self._guard(self._schedule_prefill, failed)
-            if len(self.busy) < len(self.allocators):
-                steps += self._guard(self._schedule_migrations, failed)
-            if len(self.busy) < len(self.allocators):
-                steps += self._guard(self._schedule_decode, failed)
+            stages = [self._schedule_prefill] if self.waiting else []
+            stages += [self._schedule_migrations] if migrates else []
+            stages.append(self._schedule_decode)
+            view = None
+            for stage in stages:
+                if len(self.busy) == len(self.allocators):
+                    break
+                view = view or self.view()
+                new = self._guard(stage, view, failed)
+                if new:
+                    steps += new
+                    view = None
             if steps or self.in_flight or not self._preempt_if_stuck():
                 failed += self.stuck
                 self.stuck = []
                 return steps, failed
 
-    def _guard(self, fn, failed: list[Request]) -> list[Step]:
+    def _guard(self, stage, view: ClusterView, failed: list[Request]) -> list[Step]:
         try:
-            return fn()
+            return stage(view)
         except PolicyViolation as err:
             for rid in err.request_ids:
                 req = self.requests.get(rid)
@@ -116,8 +164,7 @@ class Scheduler:
                     failed.append(req)
             return []
 
-    def _schedule_prefill(self) -> list[Step]:
-        view = self.view()
+    def _schedule_prefill(self, view: ClusterView) -> list[Step]:
         p = self.policies
         dispatch = p.scheduling.dispatch(view)
         if not dispatch.request_ids:
@@ -155,11 +202,14 @@ class Scheduler:
             if final:
                 self.waiting.remove(req)
                 req.status = Status.RUNNING
+                self.running[rid] = req
             req.in_flight = True
+            self.waiting.touch()
             keep = []
             for rank, n in ranges[rid]:
                 slots = self.allocators[rank].allocate(n)
                 req.placement.setdefault(rank, []).extend(slots)
+                req.placement_version += 1
                 keep.append(KeepRange(rank, start, start + n, slots))
                 start += n
             record = {"group": list(batch.group), "keep": {str(r): n for r, n in ranges[rid]}}
@@ -172,10 +222,9 @@ class Scheduler:
         step = PrefillBatch(self._step_id(), batch.group, tuple(seqs), decode)
         return self._launch(step, Batch(batch.request_ids + tuple(d.request_id for d in decode), batch.group))
 
-    def _schedule_decode(self) -> list[Step]:
+    def _schedule_decode(self, view: ClusterView) -> list[Step]:
         """Decode batches on disjoint groups; each batch's plan sees the instances that the
         batches planned before it took as busy, so scale-up never takes one twice."""
-        view = self.view()
         if not view.running:
             return []
         p = self.policies
@@ -187,7 +236,8 @@ class Scheduler:
             check_decode(p, view, batch, plan)
             if plan.masters:
                 steps.append(self._decode_step(batch, plan))
-                view = self.view()
+                view = replace(view, idle=view.idle - set(plan.group),
+                               free_slots=tuple(a.num_free for a in self.allocators))
         return steps
 
     def _decode_step(self, batch: Batch, plan: DecodePlan) -> DecodeBatch:
@@ -206,6 +256,7 @@ class Scheduler:
             if master not in req.placement:
                 req.esp["scale_events"].append({"kind": "scale_up", "rank": master, "at_token": position})
             slots = req.placement.pop(master, [])
+            req.placement_version += 1
             slots.append(slot)
             req.placement[master] = slots
             req.in_flight = True
@@ -216,8 +267,7 @@ class Scheduler:
                                   tuple(req.placement), self._sample_spec(req)))
         return tuple(seqs)
 
-    def _schedule_migrations(self) -> list[Step]:
-        view = self.view()
+    def _schedule_migrations(self, view: ClusterView) -> list[Step]:
         if not view.running:
             return []
         moves = self.policies.scaling.migrations(view)
@@ -242,6 +292,7 @@ class Scheduler:
         if kept:
             req.placement[move.src] = kept
         req.placement[move.dst] = req.placement.pop(move.dst, []) + move.dst_slots
+        req.placement_version += 1
         if req.abort_requested:
             self._finish(req, "abort")
         return req
@@ -249,7 +300,7 @@ class Scheduler:
     def _preempt_if_stuck(self) -> bool:
         """Last resort when nothing can run: recompute the newest running request later. A lone
         request that has filled every pool ends with an error instead."""
-        running = [r for r in self.requests.values() if r.status is Status.RUNNING and not r.in_flight]
+        running = [r for r in self.running.values() if not r.in_flight]
         running += [r for r in self.waiting if r.placement and not r.in_flight]
         if not running:
             if self.waiting:
@@ -267,9 +318,11 @@ class Scheduler:
             self.stuck.append(victim)
             return False
         self._free(victim)
+        self.waiting.touch()
         victim.esp["preemptions"] += 1
         if victim.status is Status.RUNNING:
             victim.status = Status.WAITING
+            del self.running[victim.id]
             self.waiting.appendleft(victim)
         return True
 
@@ -292,6 +345,7 @@ class Scheduler:
                 if req.finish_reason:
                     self._finish(req, req.finish_reason)
             elif req.status is Status.WAITING:
+                self.waiting.touch()
                 continue
             else:
                 self._finish(req, "error", f"step {step_id} returned no token for this request")
@@ -331,12 +385,15 @@ class Scheduler:
             req.finish(reason, error)
         self._free(req)
         self.requests.pop(req.id, None)
+        self.running.pop(req.id, None)
+        self._views.pop(req.id, None)
 
     def _free(self, req: Request) -> None:
         for rank, slots in req.placement.items():
             self.allocators[rank].free(slots)
             self.releases.setdefault(rank, []).append(req.id)
         req.placement = {}
+        req.placement_version += 1
 
     def take_releases(self) -> dict[int, list[int]]:
         out, self.releases = self.releases, {}

@@ -48,6 +48,14 @@ class CostModel:
         d0, d1, d2 = self._coeffs(self.decode, dop)
         return d0 + d1 * batch_size + d2 * kv_tokens
 
+    def chunked_time(self, chunks: Sequence[tuple[int, int]], batch_size: int, kv_tokens: int) -> float:
+        """One mixed step on one instance: prompt chunks `(cached, tokens)` attending to their
+        cached prefix, plus `batch_size` decode tokens over `kv_tokens` (one step overhead)."""
+        a, b, c = self._coeffs(self.prefill, 1)
+        _, d1, d2 = self._coeffs(self.decode, 1)
+        squares = sum((s + n) ** 2 - s * s for s, n in chunks)
+        return a + b * sum(n for _, n in chunks) + c * squares + d1 * batch_size + d2 * kv_tokens
+
     def transfer_time(self, nbytes: float) -> float:
         return self.transfer_latency_s + nbytes / self.transfer_bytes_per_s if nbytes else 0.0
 

@@ -17,11 +17,12 @@ Constants:
   the rest goes to the CUDA context, activations of the largest step, NCCL buffers and
   allocator fragmentation (the same default as vLLM's `gpu_memory_utilization`).
 
-Presets: LoongServe evaluates LWM-1M-Text (a Llama-2-7B shape) on one node of 8 A800s; we
-believe it ran 4 elastic instances of TP=2 each (a TP=1 instance holds only ~120K tokens of
-KV, too little for the 500K-token requests of its workloads), so the unsuffixed names
-`a800-lwm7b`, `h100-lwm7b` and `h200-lwm7b` are TP=2; `-tp1` / `-tp2` variants name the TP
-explicitly. `max_dop` is 8 // tp (one 8-GPU node).
+Presets: LoongServe evaluates LWM-1M-Text (a Llama-2-7B shape) on one node of 8 A800s. This
+engine has no tensor parallelism inside an instance, so the unsuffixed names (`a800-lwm7b`,
+`h100-lwm7b`, `h200-lwm7b`) are one GPU per instance: `--instances 8` is the paper's node,
+with about 120K tokens of KV per instance, so a 500K-token request spans five or more
+instances. `-tp1` / `-tp2` variants name the TP explicitly (a TP=2 instance is modelled as
+one device of twice the speeds and memory). `max_dop` is 8 // tp (one 8-GPU node).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from esp.policies.cost_model import CostModel
 MiB = 1 << 20
 KV_MEMORY_FRACTION = 0.9
 GPUS_PER_NODE = 8
-DEFAULT_TP = 2
+DEFAULT_TP = 1
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class ModelShape:
     intermediate: int
     vocab: int
     dtype_bytes: int = 2
+    max_context: int | None = None
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -97,11 +99,11 @@ class ModelShape:
                    heads=heads, kv_heads=int(cfg.get("num_key_value_heads") or heads),
                    head_dim=int(cfg.get("head_dim") or hidden // heads),
                    intermediate=int(cfg["intermediate_size"]), vocab=int(cfg["vocab_size"]),
-                   dtype_bytes=_DTYPE_BYTES[dtype])
+                   dtype_bytes=_DTYPE_BYTES[dtype], max_context=cfg.get("max_position_embeddings"))
 
 
 LWM_7B = ModelShape("lwm7b", num_layers=32, hidden=4096, heads=32, kv_heads=32, head_dim=128,
-                    intermediate=11008, vocab=32000)
+                    intermediate=11008, vocab=32000, max_context=1 << 20)
 
 
 def kv_tokens_per_instance(model: ModelShape, device: Device, tp: int = 1) -> int:
@@ -125,7 +127,8 @@ def roofline_profile(model: ModelShape, device: Device, tp: int = 1, max_dop: in
                             link_bytes_per_s=device.link_bytes_per_s * tp, max_dop=max_dop, efficiency=efficiency,
                             name=name or f"{device.name}-{model.name}-tp{tp}")
     meta = {"source": "roofline", "device": device.name, "model": model.name, "tp": tp, "efficiency": efficiency,
-            "kv_tokens_per_instance": kv_tokens, "kv_memory_fraction": KV_MEMORY_FRACTION}
+            "kv_tokens_per_instance": kv_tokens, "kv_memory_fraction": KV_MEMORY_FRACTION,
+            "max_context": model.max_context}
     return CostModel(cm.prefill, cm.decode, cm.transfer_latency_s, cm.transfer_bytes_per_s, cm.kv_bytes_per_token,
                      cm.name, meta)
 

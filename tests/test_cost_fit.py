@@ -138,13 +138,13 @@ def test_a800_prefill_100k_by_hand():
     flops = 2 * 6_607_077_376 * tokens + 2 * 32 * 32 * 128 * tokens ** 2  # 1.3214e15 + 2.6214e15 = 3.943e15
     tp2_seconds = flops / (0.6 * 2 * 312e12)  # ~10.53 s on one TP=2 instance of A800s
     assert tp2_seconds == pytest.approx(10.53, rel=0.01)
-    t = load_profile("a800-lwm7b").prefill_time([tokens], dop=1)
+    t = load_profile("a800-lwm7b-tp2").prefill_time([tokens], dop=1)
     assert t == pytest.approx(tp2_seconds, rel=0.01)
     assert 5 < t < 25
-    t1 = load_profile("a800-lwm7b-tp1").prefill_time([tokens], dop=1)
+    t1 = load_profile("a800-lwm7b").prefill_time([tokens], dop=1)  # one A800 per instance
     assert t1 == pytest.approx(2 * tp2_seconds, rel=0.01)
     # elastic SP over 4 instances: about 4x faster on a long prompt
-    assert load_profile("a800-lwm7b").prefill_time([tokens], dop=4) == pytest.approx(t / 4, rel=0.05)
+    assert load_profile("a800-lwm7b-tp2").prefill_time([tokens], dop=4) == pytest.approx(t / 4, rel=0.05)
 
 
 def test_h100_faster_by_peak_ratio():
@@ -176,7 +176,7 @@ def test_kv_capacity_a800_tp2():
     assert kv == pytest.approx(by_hand, rel=0.01)
     assert 230_000 < kv < 290_000
     assert 100_000 < load_profile("a800-lwm7b-tp1").meta["kv_tokens_per_instance"] < 140_000
-    assert load_profile("a800-lwm7b") is load_profile("a800-lwm7b-tp2")
+    assert load_profile("a800-lwm7b") is load_profile("a800-lwm7b-tp1")
 
 
 def test_load_profile_by_name_path_and_unknown(tmp_path):

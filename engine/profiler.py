@@ -1,0 +1,269 @@
+"""`esp-run profile`: measure step times on the real workers and fit a `CostModel` (DESIGN 7).
+
+The profiler is the only user of the workers while it runs, so it sends hand-built steps
+straight to a `WorkerGroup` and picks the KV slots itself: a bump allocator per instance,
+reset (with `Release` for every request it created) between measurements, so pools never
+overflow. KV contents are irrelevant; only the shapes of the work matter. Times are the
+main process's wall time from sending a step to the last `StepDone`: what the scheduler sees.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import statistics
+import time
+from dataclasses import dataclass
+
+from esp.engine.backend import WorkerGroup, free_port
+from esp.engine.config import EngineConfig
+from esp.engine.model_config import ModelConfig
+from esp.engine.protocol import DecodeBatch, DecodeSeq, KeepRange, MigrateKV, PrefillBatch, PrefillSeq, SampleSpec
+from esp.engine.sampling_params import SamplingParams
+from esp.engine.worker import WorkerSpec
+from esp.policies.cost_fit import DecodeSample, PrefillSample, TransferSample, fit_cost_model
+
+GREEDY = SamplingParams(temperature=0.0)
+DEFAULT_TRANSFER = {"latency_s": 0.0, "bytes_per_s": 1e12}
+
+
+@dataclass(frozen=True)
+class ProfileOptions:
+    quick: bool = False
+    max_len: int | None = None
+    repeats: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_len is not None and self.max_len < 16:
+            raise ValueError(f"--max-len must be at least 16, got {self.max_len}")
+        if self.repeats is not None and self.repeats < 1:
+            raise ValueError(f"--repeats must be at least 1, got {self.repeats}")
+
+
+def log_grid(lo: int, hi: int, per_octave: int = 1) -> list[int]:
+    """Integers from `lo` to `hi` (both included), `per_octave` points per doubling."""
+    out, k = [], 0
+    while (v := int(round(lo * 2 ** (k / per_octave)))) < hi:
+        out.append(v)
+        k += 1
+    return sorted(set(out + [hi]))
+
+
+def dops_of(instances: int) -> list[int]:
+    return sorted({d for d in (2 ** k for k in range(instances.bit_length())) if d <= instances} | {instances})
+
+
+class Profiler:
+    def __init__(self, config: EngineConfig, options: ProfileOptions) -> None:
+        self.config, self.options = config, options
+        self.model_config = ModelConfig.from_dir(config.model_dir)
+        self.repeats = options.repeats or (1 if options.quick else 2)
+        self.group: WorkerGroup | None = None
+        self._step = itertools.count(1)
+        self._rid = itertools.count(1)
+        self._next: list[int] = [0] * config.instances
+        self._live: list[set[int]] = [set() for _ in range(config.instances)]
+        self._rng = random.Random(0)
+
+    # -- workers and slots ----------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.config
+        slots = cfg.kv_tokens_per_instance or (self._auto_slots() if cfg.device == "cpu" else None)
+        init = f"tcp://127.0.0.1:{free_port()}"
+        specs = [WorkerSpec(rank, cfg.instances, str(cfg.model_dir), cfg.instance_device(rank), cfg.dtype,
+                            slots, cfg.threads, init) for rank in range(cfg.instances)]
+        self.group = WorkerGroup(specs)
+        await self.group.start()
+        self.pool = min(self.group.kv_slots)
+        cap = min(8192, self.pool, self.model_config.max_position_embeddings)
+        self.max_len = min(self.options.max_len or (1024 if self.options.quick else cap), cap)
+
+    def _auto_slots(self) -> int:
+        """As the engine sizes CPU pools: 30% of available memory over the instances, at most 4x the context."""
+        try:
+            with open("/proc/meminfo") as f:
+                avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration):
+            avail = 8 << 30
+        budget = avail * 0.3 / self.config.instances
+        return max(1024, min(int(budget // self.kv_bytes_per_token()), 4 * self.model_config.max_position_embeddings))
+
+    def kv_bytes_per_token(self) -> int:
+        import torch
+
+        from esp.engine.kv_pool import KVPool
+        c, name = self.model_config, self.config.dtype
+        if name == "auto":
+            name = "bfloat16" if self.config.device == "cuda" else "float32"
+        return KVPool.bytes_per_slot(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, getattr(torch, name))
+
+    def alloc(self, rank: int, n: int, rid: int) -> list[int]:
+        start = self._next[rank]
+        if start + n > self.pool:
+            raise RuntimeError(f"profiler: instance {rank} pool of {self.pool} slots overflows")
+        self._next[rank] = start + n
+        self._live[rank].add(rid)
+        return list(range(start, start + n))
+
+    def reset(self) -> None:
+        for rank, ids in enumerate(self._live):
+            self.group.release(rank, tuple(sorted(ids)))
+            ids.clear()
+        self._next = [0] * self.config.instances
+
+    async def timed(self, step) -> float:
+        t0 = time.perf_counter()
+        await self.group.run(step)
+        return time.perf_counter() - t0
+
+    # -- steps ------------------------------------------------------------------------------
+    def prefill_step(self, lengths: list[int], group: tuple[int, ...]) -> tuple[PrefillBatch, list[int]]:
+        seqs, rids = [], []
+        vocab = self.model_config.vocab_size
+        for n in lengths:
+            rid = next(self._rid)
+            bounds = [n * i // len(group) for i in range(len(group) + 1)]
+            keep = tuple(KeepRange(r, bounds[i], bounds[i + 1], self.alloc(r, bounds[i + 1] - bounds[i], rid))
+                         for i, r in enumerate(group) if bounds[i + 1] > bounds[i])
+            ids = [self._rng.randrange(3, vocab) for _ in range(n)]
+            seqs.append(PrefillSeq(rid, ids, keep, SampleSpec(GREEDY, 0, 0)))
+            rids.append(rid)
+        return PrefillBatch(next(self._step), group, tuple(seqs)), rids
+
+    async def prefill_time(self, lengths: list[int], group: tuple[int, ...]) -> float:
+        times = []
+        for _ in range(self.repeats):
+            step, _ = self.prefill_step(lengths, group)
+            times.append(await self.timed(step))
+            self.reset()
+        return statistics.median(times)
+
+    async def decode_time(self, rids: list[int], kv_len: int, group: tuple[int, ...], grown: dict) -> float:
+        times = []
+        for _ in range(self.repeats):
+            seqs = []
+            for i, rid in enumerate(rids):
+                master = group[i % len(group)]
+                pos = kv_len + grown[rid]
+                seqs.append(DecodeSeq(rid, 5, pos, master, self.alloc(master, 1, rid)[0], group,
+                                      SampleSpec(GREEDY, 0, 1)))
+                grown[rid] += 1
+            times.append(await self.timed(DecodeBatch(next(self._step), group, tuple(seqs))))
+        return statistics.median(times)
+
+    # -- phases -----------------------------------------------------------------------------
+    async def profile_prefill(self) -> list[PrefillSample]:
+        per_octave = 1 if self.options.quick else 2
+        lengths = log_grid(16, self.max_len, per_octave)
+        out = []
+        for dop in dops_of(self.config.instances):
+            group = tuple(range(dop))
+            await self.prefill_time([16], group)  # warm up (discarded)
+            await self.prefill_time([max(16, self.max_len // 4)], group)
+            shapes = [[n] for n in lengths]
+            multi = [n for n in lengths if n >= 256] if not self.options.quick else [self.max_len // 2, self.max_len]
+            shapes += [[n // 4] * 4 for n in multi] + [[n // 16] * 16 for n in multi[-2:]]
+            for lens in shapes:
+                out.append(PrefillSample(dop, tuple(lens), await self.prefill_time(lens, group)))
+        return out
+
+    async def profile_decode(self) -> list[DecodeSample]:
+        quick = self.options.quick
+        kv_lens = log_grid(128, self.max_len, 1) if not quick else sorted({128, self.max_len // 2, self.max_len})
+        kv_lens = kv_lens if quick else kv_lens[::2] + ([kv_lens[-1]] if len(kv_lens) % 2 == 0 else [])
+        budget = 32768 if quick else 131072  # KV tokens prefilled per length, to bound the setup cost
+        out = []
+        dops = [1] + ([2] if self.config.instances >= 2 else [])
+        for dop in dops:
+            group = tuple(range(dop))
+            for kv_len in kv_lens:
+                bmax = max(1, min(64, (self.pool * dop - 128 * (self.repeats + 1)) // kv_len, budget // kv_len))
+                batches = [b for b in (1, 2, 4, 8, 16, 32, 64) if b <= bmax]
+                rids: list[int] = []
+                while len(rids) < batches[-1]:  # create the KV, a few requests per prefill step
+                    k = min(batches[-1] - len(rids), max(1, 8192 // kv_len))
+                    step, new = self.prefill_step([kv_len] * k, group)
+                    await self.group.run(step)
+                    rids += new
+                grown = dict.fromkeys(rids, 0)
+                await self.decode_time(rids[:1], kv_len, group, grown)  # warm up (discarded)
+                for b in batches:
+                    seconds = await self.decode_time(rids[:b], kv_len, group, grown)
+                    out.append(DecodeSample(dop, b, sum(kv_len + grown[r] for r in rids[:b]), seconds))
+                self.reset()
+        return out
+
+    async def profile_transfer(self) -> list[TransferSample]:
+        if self.config.instances < 2:
+            return []
+        sizes = log_grid(64, min(self.max_len, self.pool), 1)
+        out = []
+        for i, n in enumerate([sizes[0]] + sizes):
+            times = []
+            for _ in range(self.repeats):
+                rid = next(self._rid)
+                step = MigrateKV(next(self._step), rid, 0, 1, self.alloc(0, n, rid), self.alloc(1, n, rid))
+                times.append(await self.timed(step))
+                self.reset()
+            if i:  # the first is a warm-up
+                out.append(TransferSample(n * self.kv_bytes_per_token(), statistics.median(times)))
+        return out
+
+    async def run(self) -> tuple[dict, dict]:
+        t0 = time.perf_counter()
+        await self.start()
+        try:
+            prefill = await self.profile_prefill()
+            decode = await self.profile_decode()
+            transfer = await self.profile_transfer()
+        finally:
+            await self.group.shutdown()
+        kv_bytes = self.kv_bytes_per_token()
+        measured = bool(transfer)
+        if not measured:  # one instance: nothing to migrate; a placeholder two-point line
+            transfer = [TransferSample(1, 1e-12), TransferSample(1 << 30, (1 << 30) / DEFAULT_TRANSFER["bytes_per_s"])]
+        cfg = self.config
+        meta = {"model": str(cfg.model_dir), "device": cfg.device, "dtype": cfg.dtype, "instances": cfg.instances,
+                "threads_per_instance": cfg.threads, "kv_slots": self.pool, "max_len": self.max_len,
+                "repeats": self.repeats, "quick": self.options.quick, "transfer_measured": measured}
+        model, report = fit_cost_model(prefill, decode, transfer, kv_bytes, f"profile-{cfg.model_dir.name}", meta)
+        if not measured:
+            model = type(model)(model.prefill, model.decode, DEFAULT_TRANSFER["latency_s"],
+                                DEFAULT_TRANSFER["bytes_per_s"], kv_bytes, model.name, model.meta)
+            report["transfer"] = {"measured": False, "note": "one instance: transfer not measured, default used",
+                                  **DEFAULT_TRANSFER}
+        report["wall_s"] = time.perf_counter() - t0
+        data = model.to_json()
+        data["meta"]["report"] = _jsonable(report)
+        return data, report
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def summary_lines(report: dict) -> list[str]:
+    lines = []
+    for kind in ("prefill", "decode"):
+        for dop, part in report[kind].items():
+            e = part["rel_error"]
+            lines.append(f"{kind:<8} dop={dop}: {part['samples']:3d} samples, rel. error median {e['median']:.1%} "
+                         f"p90 {e['p90']:.1%} max {e['max']:.1%}" + ("  (rank deficient)" if part["rank_deficient"]
+                                                                      else ""))
+    t = report["transfer"]
+    if "rel_error" in t:
+        e = t["rel_error"]
+        lines.append(f"transfer: {t['samples']:3d} samples, rel. error median {e['median']:.1%} p90 {e['p90']:.1%} "
+                     f"max {e['max']:.1%}; latency {t['latency_s'] * 1e6:.0f} us, {t['bytes_per_s'] / 1e9:.2f} GB/s")
+    else:
+        lines.append(f"transfer: {t['note']} (latency 0, {t['bytes_per_s']:.0e} B/s)")
+    lines.append(f"wall time {report['wall_s']:.1f} s")
+    return lines
+
+
+def profile(config: EngineConfig, options: ProfileOptions) -> tuple[dict, dict]:
+    return asyncio.run(Profiler(config, options).run())

@@ -1,0 +1,164 @@
+"""The simulator backend (DESIGN 7): the same Engine, Scheduler and policies, with step times
+from a `CostModel` and a virtual clock, no worker processes and no model.
+
+`run_virtual(coro)` runs a coroutine on an event loop whose clock jumps to the next timer
+whenever nothing is ready, so `asyncio.sleep(step_time)` costs no wall time and a replay is
+deterministic. Simulated requests have no EOS: each runs to its `max_tokens`.
+"""
+from __future__ import annotations
+
+import asyncio
+import selectors
+from functools import singledispatch
+from typing import Awaitable, Sequence, TypeVar
+
+from esp.engine.backend import StepResult
+from esp.engine.protocol import DecodeBatch, MigrateKV, PrefillBatch, Step
+from esp.policies.cost_model import CostModel
+
+T = TypeVar("T")
+SIM_TOKEN = 0
+
+
+class _JumpingSelector:
+    """Wraps the loop's selector: a wait for the next timer advances virtual time instead."""
+
+    def __init__(self, selector: selectors.BaseSelector, loop: VirtualClockLoop) -> None:
+        self._selector, self._loop = selector, loop
+
+    def select(self, timeout: float | None = None):
+        if timeout is not None and timeout > 0:
+            self._loop.advance(timeout)
+            timeout = 0
+        return self._selector.select(timeout)
+
+    def __getattr__(self, name: str):
+        return getattr(self._selector, name)
+
+
+class VirtualClockLoop(asyncio.SelectorEventLoop):
+    def __init__(self) -> None:
+        super().__init__()
+        self._now = 0.0
+        self._selector = _JumpingSelector(self._selector, self)
+
+    def time(self) -> float:
+        return self._now
+
+    def advance(self, seconds: float) -> None:
+        self._now += seconds
+
+
+def run_virtual(main: Awaitable[T]) -> T:
+    """Run `main` to completion on a fresh virtual-clock loop (time starts at 0)."""
+    loop = VirtualClockLoop()
+    try:
+        asyncio.set_event_loop(loop)
+        return loop.run_until_complete(main)
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+@singledispatch
+def step_time(step: object, cost: CostModel) -> float:
+    raise TypeError(f"the simulator cannot time a {type(step).__name__}")
+
+
+@step_time.register
+def _(step: PrefillBatch, cost: CostModel) -> float:
+    if step.mixed:
+        return cost.chunked_time([(s.start, len(s.token_ids)) for s in step.seqs], len(step.decode),
+                                 sum(d.position + 1 for d in step.decode))
+    return cost.prefill_time([len(s.token_ids) for s in step.seqs], len(step.group))
+
+
+@step_time.register
+def _(step: DecodeBatch, cost: CostModel) -> float:
+    return cost.decode_time(len(step.seqs), sum(s.position + 1 for s in step.seqs), len(step.group))
+
+
+@step_time.register
+def _(step: MigrateKV, cost: CostModel) -> float:
+    return cost.migration_time(len(step.src_slots))
+
+
+@singledispatch
+def sampled_ids(step: object) -> list[int]:
+    return []
+
+
+@sampled_ids.register
+def _(step: PrefillBatch) -> list[int]:
+    return [s.request_id for s in step.seqs if s.sample is not None] + [d.request_id for d in step.decode]
+
+
+@sampled_ids.register
+def _(step: DecodeBatch) -> list[int]:
+    return [s.request_id for s in step.seqs]
+
+
+class SyntheticPrompt(Sequence[int]):
+    """A prompt of `length` copies of one token id, never materialized: the simulator needs only
+    lengths, and a trace's 500K-token prompts would otherwise cost 4 MB of list each."""
+
+    def __init__(self, length: int, token_id: int = SIM_TOKEN) -> None:
+        if length < 1:
+            raise ValueError("prompt must have at least one token")
+        self.length, self.token_id = length, token_id
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return SyntheticPrompt(len(range(*index.indices(self.length))) or 1, self.token_id)
+        if not -self.length <= index < self.length:
+            raise IndexError(index)
+        return self.token_id
+
+    def __add__(self, other: Sequence[int]) -> SyntheticPrompt:
+        return SyntheticPrompt(self.length + len(other), self.token_id)
+
+
+class SimBackend:
+    """Stands where `WorkerGroup` stands: `run(step)` sleeps the predicted step time on the
+    loop's clock and returns a token for every request the step samples."""
+
+    def __init__(self, kv_slots: list[int], cost: CostModel) -> None:
+        self.kv_slots, self.cost = kv_slots, cost
+        self.dead: str | None = None
+
+    async def start(self) -> None:
+        return None
+
+    async def run(self, step: Step) -> StepResult:
+        seconds = step_time(step, self.cost)
+        await asyncio.sleep(seconds)
+        return StepResult(step.step_id, dict.fromkeys(sampled_ids(step), SIM_TOKEN), seconds, 0.0)
+
+    def release(self, rank: int, request_ids: tuple[int, ...]) -> None:
+        return None
+
+    async def shutdown(self) -> None:
+        return None
+
+
+class _NoText:
+    def step(self, ids: list[int]) -> str:
+        return ""
+
+    def flush(self) -> str:
+        return ""
+
+
+class SimTokenizer:
+    """No vocabulary: prompts are token ids, outputs carry ids and no text, nothing is EOS."""
+
+    eos_token_ids: frozenset[int] = frozenset()
+
+    def encode(self, text: str) -> list[int]:
+        raise ValueError("the sim backend takes token-id prompts, not text")
+
+    def detokenizer(self, prompt_ids: list[int]) -> _NoText:
+        return _NoText()
