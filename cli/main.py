@@ -155,7 +155,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
 async def cmd_profile(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from esp.engine.profiler import Profiler, ProfileOptions, summary_lines
+    from esp.engine.profiler import ProfileOptions, Profiler, summary_lines
 
     config = engine_config(args)
     out = Path(args.out)

@@ -3,17 +3,20 @@
 1. dispatch (`LoongScheduling`): FCFS with memory admission on each request's future
    maximum KV, stopping the prefill batch at the cost model's tipping point, with bounded
    out-of-order admission;
-2. elastic instance allocation: the idle instances;
+2. elastic instance allocation (`allocate_instances`): idle instances that hold no decode
+   KV first; then idle decode instances, most free slots first, while the predicted gain in
+   the batch's normalized input latency beats the predicted cost to the decodes paused there;
 3. batching (`LoongBatching`): the dynamic program of `batching_dp` over length-sorted
    requests and free-slot-sorted instances;
-4. scaling (`GreedyScaling`): keep plans on the fewest instances with room, multi-master
-   decode that scales up onto idle instances when the holders are full.
+4. scaling (`LoongScaling`): keep plans on the fewest instances with room, multi-master
+   decode that scales up onto idle instances on memory pressure (holders full) and on
+   compute pressure (more than `max_batch_per_master` requests on one master).
 """
 from __future__ import annotations
 
 import math
 
-from esp.policies.base import Batch, ClusterView, Dispatch, PolicyOptions, PolicySet, SchedulingPolicy
+from esp.policies.base import Batch, ClusterView, DecodePlan, Dispatch, PolicyOptions, PolicySet, SchedulingPolicy
 from esp.policies.batching_dp import plan_batches
 from esp.policies.common import running_on
 from esp.policies.cost_model import CostModel
@@ -33,7 +36,14 @@ class LoongScheduling(SchedulingPolicy):
             return Dispatch()
         cost = view.cost_model or FALLBACK_COST
         extra = self.options.extra
-        instances = tuple(sorted(view.idle))
+        holding = {i for r in view.running for i in r.kv_tokens}
+        free_first = sorted(view.idle - holding, key=lambda i: (-view.free_slots[i], i))
+        decoding = sorted(view.idle & holding, key=lambda i: (-view.free_slots[i], i))
+        instances = free_first
+        head = view.waiting[0].prompt_len + 1
+        while decoding and (not instances or sum(view.free_slots[i] - running_on(view, i) for i in instances) < head):
+            instances.append(decoding.pop(0))
+        instances = tuple(instances)
         max_s = extra.get("max_prefill_s") or cost.prefill_time([self.options.max_prefill_tokens], 1)
         lookahead = int(extra.get("lookahead", 4))
         max_overtaken = float(extra.get("max_overtaken_s", 10.0))
@@ -57,7 +67,61 @@ class LoongScheduling(SchedulingPolicy):
             lengths.append(req.prompt_len)
             room_now -= req.prompt_len + 1
             room_future -= req.max_kv_tokens
-        return Dispatch(tuple(chosen), instances if chosen else ())
+        if not chosen:
+            return Dispatch()
+        return Dispatch(tuple(chosen), tuple(sorted(allocate_instances(view, cost, lengths, instances, decoding))))
+
+
+def allocate_instances(view: ClusterView, cost: CostModel, lengths: list[int], instances: tuple[int, ...],
+                       decoding: list[int]) -> list[int]:
+    """Step 2: add decode instances while the gain beats the cost. Gain: the drop in the batch's
+    prefill time times the sum of 1/len over its requests (normalized input latency). Cost:
+    the decodes on the instance pause for the whole prefill, adding that time over each
+    one's remaining output tokens (normalized output latency)."""
+    chosen = list(instances)
+    inverse_len = sum(1 / n for n in lengths)
+    for cand in decoding:
+        now, more = cost.prefill_time(lengths, len(chosen)), cost.prefill_time(lengths, len(chosen) + 1)
+        paused = sum(1 / max(1, r.max_tokens - r.output_len) for r in view.running if cand in r.kv_tokens)
+        if (now - more) * inverse_len <= more * paused:
+            break
+        chosen.append(cand)
+    return chosen
+
+
+class LoongScaling(GreedyScaling):
+    """Greedy scaling plus scale-up on compute pressure: a master takes at most
+    `max_batch_per_master` requests (option; default 128, about where a 7B model's decode turns
+    compute-bound on an A800); beyond it, masters go to other group members or idle instances."""
+
+    def decode_plan(self, view: ClusterView, batch: Batch) -> DecodePlan:
+        plan = super().decode_plan(view, batch)
+        limit = int(self.options.extra.get("max_batch_per_master", 128))
+        load: dict[int, int] = {}
+        for master in plan.masters.values():
+            load[master] = load.get(master, 0) + 1
+        if all(n <= limit for n in load.values()):
+            return plan
+        free = {i: view.free_slots[i] - load.get(i, 0) for i in range(view.num_instances)}
+        group = set(plan.group)
+        spare = sorted((i for i in view.idle - group if free[i] > 0), key=lambda i: -free[i])
+        masters = dict(plan.masters)
+        for rid, master in plan.masters.items():
+            if load[master] <= limit:
+                continue
+            target = next((i for i in sorted(group, key=lambda i: load.get(i, 0))
+                           if load.get(i, 0) < limit and free[i] > 0), None)
+            if target is None and spare:
+                target = spare.pop(0)
+                group.add(target)
+            if target is None:
+                break
+            masters[rid] = target
+            load[master] -= 1
+            load[target] = load.get(target, 0) + 1
+            free[target] -= 1
+            free[master] += 1
+        return DecodePlan(tuple(sorted(group)), masters)
 
 
 class LoongBatching(FCFSBatching):
@@ -78,4 +142,4 @@ class LoongBatching(FCFSBatching):
 
 
 def loong(options: PolicyOptions) -> PolicySet:
-    return PolicySet("loong", LoongScheduling(options), LoongBatching(options), GreedyScaling(options))
+    return PolicySet("loong", LoongScheduling(options), LoongBatching(options), LoongScaling(options))

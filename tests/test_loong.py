@@ -56,3 +56,22 @@ def test_batching_uses_the_dynamic_program():
     best = brute_force(sorted(lengths.values()), [10_000] * 4, COST.prefill_time_of_sums)
     assert abs(got - best) < 1e-12
     assert len(batches) > 1
+
+
+def test_compute_pressure_spreads_masters_and_never_overfills_an_instance():
+    from esp.engine.validation import check_decode
+    from esp.policies import Batch, load_policy_set
+
+    running = tuple(RequestView(100 + i, 0.0, 50, 1, 40, MappingProxyType({0: 51})) for i in range(6))
+    v = ClusterView(now=1.0, capacity=(1000,) * 3, free_slots=(500, 0, 400), idle=frozenset({0, 1, 2}),
+                    waiting=(), running=running)
+    p = load_policy_set("loong", PolicyOptions(extra={"max_batch_per_master": 2}))
+    batch = Batch(tuple(r.request_id for r in running), (0,))
+    plan = p.scaling.decode_plan(v, batch)
+    check_decode(p, v, batch, plan)
+    load = {}
+    for m in plan.masters.values():
+        load[m] = load.get(m, 0) + 1
+    # Six requests on master 0 with a limit of two: two move to idle instance 2 (instance 1 has
+    # no free slot, so it is never a master); no third instance is left, so 0 keeps four.
+    assert load == {0: 4, 2: 2} and plan.group == (0, 2)
