@@ -54,6 +54,8 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch-size", type=positive_int, default=256)
     g.add_argument("--prefill-instances", type=positive_int, help="disagg: instances that only prefill")
     g.add_argument("--decode-instances", type=positive_int, help="disagg: instances that only decode")
+    g.add_argument("--decode-steps", type=positive_int, help="decode iterations per scheduling round "
+                                                             "(default 1; 8 with --backend sim)")
     g.add_argument("--chunk-size", type=positive_int, help="chunked: tokens per step, decodes plus prompt chunks "
                                                            "(default 2048)")
 
@@ -66,7 +68,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         model=args.model, instances=args.instances, device=args.device, dtype=args.dtype,
         kv_tokens_per_instance=args.kv_tokens_per_instance, threads_per_instance=args.threads_per_instance,
         policy=args.policy, scheduling=args.scheduling, batching=args.batching, scaling=args.scaling,
-        max_prefill_tokens=args.max_prefill_tokens, max_batch_size=args.max_batch_size,
+        max_prefill_tokens=args.max_prefill_tokens, max_batch_size=args.max_batch_size, decode_steps=args.decode_steps,
         policy_options=options | ({"chunk_size": args.chunk_size} if args.chunk_size else {}))
 
 

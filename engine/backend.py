@@ -26,7 +26,7 @@ class StepResult:
     """A whole group's answer to one step: tokens by request, and the slowest member's times."""
 
     step_id: int
-    sampled: dict[int, int]
+    sampled: dict[int, int | list[int]]
     compute_s: float
     comm_s: float
 

@@ -17,7 +17,9 @@ class EngineConfig:
     """`kv_tokens_per_instance=None` sizes each pool from free memory (under the simulator: from
     the profile); `threads_per_instance=None` splits the CPU cores evenly (at least one each).
     `backend="sim"` replaces the worker processes by the simulator (`esp.engine.sim`); `profile`
-    names the cost model (a preset or a JSON file) that policies read and the simulator runs on."""
+    names the cost model (a preset or a JSON file) that policies read and the simulator runs on.
+    `decode_steps`: decode iterations per scheduling round (default 1; 8 under the simulator,
+    where per-round Python overhead would otherwise dominate a 10,000-request replay)."""
 
     model: str | None = None
     instances: int = 1
@@ -34,6 +36,7 @@ class EngineConfig:
     policy_options: dict = field(default_factory=dict)
     backend: str = "real"
     profile: str | None = None
+    decode_steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.instances < 1:
@@ -46,8 +49,14 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto, float32, float64, bfloat16 or float16, got {self.dtype!r}")
         if self.kv_tokens_per_instance is not None and self.kv_tokens_per_instance < 1:
             raise ValueError("kv-tokens-per-instance must be positive")
+        if self.decode_steps is not None and self.decode_steps < 1:
+            raise ValueError("decode-steps must be positive")
         if self.threads_per_instance is not None and self.threads_per_instance < 1:
             raise ValueError("threads-per-instance must be positive")
+
+    @property
+    def scheduler_decode_steps(self) -> int:
+        return self.decode_steps or (8 if self.backend == "sim" else 1)
 
     @property
     def model_dir(self) -> Path:

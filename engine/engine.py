@@ -93,7 +93,8 @@ class Engine:
         else:
             await self._start_workers()
         loop = asyncio.get_running_loop()
-        self.scheduler = Scheduler(self.policies, self.backend.kv_slots, clock=loop.time, cost_model=self.cost_model)
+        self.scheduler = Scheduler(self.policies, self.backend.kv_slots, clock=loop.time, cost_model=self.cost_model,
+                                   decode_steps=self.config.scheduler_decode_steps)
         self._loop_task = asyncio.create_task(self._run(), name="esp-engine-loop")
         return self
 

@@ -8,23 +8,23 @@ main process's wall time from sending a step to the last `StepDone`: what the sc
 """
 from __future__ import annotations
 
-import asyncio
 import itertools
+import json
 import random
 import statistics
 import time
 from dataclasses import dataclass
 
+from esp.engine import protocol as msg
 from esp.engine.backend import WorkerGroup, free_port
 from esp.engine.config import EngineConfig
 from esp.engine.model_config import ModelConfig
-from esp.engine.protocol import DecodeBatch, DecodeSeq, KeepRange, MigrateKV, PrefillBatch, PrefillSeq, SampleSpec
 from esp.engine.sampling_params import SamplingParams
 from esp.engine.worker import WorkerSpec
-from esp.policies.cost_fit import DecodeSample, PrefillSample, TransferSample, fit_cost_model
+from esp.policies import cost_fit as fit
 
 GREEDY = SamplingParams(temperature=0.0)
-DEFAULT_TRANSFER = {"latency_s": 0.0, "bytes_per_s": 1e12}
+DEFAULT_BYTES_PER_S = 1e12  # with one instance: latency 0, this bandwidth
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class ProfileOptions:
 def log_grid(lo: int, hi: int, per_octave: int = 1) -> list[int]:
     """Integers from `lo` to `hi` (both included), `per_octave` points per doubling."""
     out, k = [], 0
-    while (v := int(round(lo * 2 ** (k / per_octave)))) < hi:
+    while (v := round(lo * 2 ** (k / per_octave))) < hi:
         out.append(v)
         k += 1
     return sorted(set(out + [hi]))
@@ -58,6 +58,7 @@ class Profiler:
         self.config, self.options = config, options
         self.model_config = ModelConfig.from_dir(config.model_dir)
         self.repeats = options.repeats or (1 if options.quick else 2)
+        self.cheap_repeats = max(3, self.repeats)  # decode steps and transfers take milliseconds
         self.group: WorkerGroup | None = None
         self._step = itertools.count(1)
         self._rid = itertools.count(1)
@@ -65,7 +66,6 @@ class Profiler:
         self._live: list[set[int]] = [set() for _ in range(config.instances)]
         self._rng = random.Random(0)
 
-    # -- workers and slots ----------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.config
         slots = cfg.kv_tokens_per_instance or (self._auto_slots() if cfg.device == "cpu" else None)
@@ -80,17 +80,13 @@ class Profiler:
 
     def _auto_slots(self) -> int:
         """As the engine sizes CPU pools: 30% of available memory over the instances, at most 4x the context."""
-        try:
-            with open("/proc/meminfo") as f:
-                avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-        except (OSError, StopIteration):
-            avail = 8 << 30
-        budget = avail * 0.3 / self.config.instances
-        return max(1024, min(int(budget // self.kv_bytes_per_token()), 4 * self.model_config.max_position_embeddings))
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        budget = int(avail * 0.3 / self.config.instances) // self.kv_bytes_per_token()
+        return max(1024, min(budget, 4 * self.model_config.max_position_embeddings))
 
     def kv_bytes_per_token(self) -> int:
         import torch
-
         from esp.engine.kv_pool import KVPool
         c, name = self.model_config, self.config.dtype
         if name == "auto":
@@ -116,19 +112,18 @@ class Profiler:
         await self.group.run(step)
         return time.perf_counter() - t0
 
-    # -- steps ------------------------------------------------------------------------------
-    def prefill_step(self, lengths: list[int], group: tuple[int, ...]) -> tuple[PrefillBatch, list[int]]:
+    def prefill_step(self, lengths: list[int], group: tuple[int, ...]) -> tuple[msg.PrefillBatch, list[int]]:
         seqs, rids = [], []
         vocab = self.model_config.vocab_size
         for n in lengths:
             rid = next(self._rid)
             bounds = [n * i // len(group) for i in range(len(group) + 1)]
-            keep = tuple(KeepRange(r, bounds[i], bounds[i + 1], self.alloc(r, bounds[i + 1] - bounds[i], rid))
+            keep = tuple(msg.KeepRange(r, bounds[i], bounds[i + 1], self.alloc(r, bounds[i + 1] - bounds[i], rid))
                          for i, r in enumerate(group) if bounds[i + 1] > bounds[i])
             ids = [self._rng.randrange(3, vocab) for _ in range(n)]
-            seqs.append(PrefillSeq(rid, ids, keep, SampleSpec(GREEDY, 0, 0)))
+            seqs.append(msg.PrefillSeq(rid, ids, keep, msg.SampleSpec(GREEDY, 0, 0)))
             rids.append(rid)
-        return PrefillBatch(next(self._step), group, tuple(seqs)), rids
+        return msg.PrefillBatch(next(self._step), group, tuple(seqs)), rids
 
     async def prefill_time(self, lengths: list[int], group: tuple[int, ...]) -> float:
         times = []
@@ -140,44 +135,46 @@ class Profiler:
 
     async def decode_time(self, rids: list[int], kv_len: int, group: tuple[int, ...], grown: dict) -> float:
         times = []
-        for _ in range(self.repeats):
+        for _ in range(self.cheap_repeats):
             seqs = []
             for i, rid in enumerate(rids):
                 master = group[i % len(group)]
                 pos = kv_len + grown[rid]
-                seqs.append(DecodeSeq(rid, 5, pos, master, self.alloc(master, 1, rid)[0], group,
-                                      SampleSpec(GREEDY, 0, 1)))
+                seqs.append(msg.DecodeSeq(rid, 5, pos, master, self.alloc(master, 1, rid)[0], group,
+                                      msg.SampleSpec(GREEDY, 0, 1)))
                 grown[rid] += 1
-            times.append(await self.timed(DecodeBatch(next(self._step), group, tuple(seqs))))
+            times.append(await self.timed(msg.DecodeBatch(next(self._step), group, tuple(seqs))))
         return statistics.median(times)
 
-    # -- phases -----------------------------------------------------------------------------
-    async def profile_prefill(self) -> list[PrefillSample]:
-        per_octave = 1 if self.options.quick else 2
-        lengths = log_grid(16, self.max_len, per_octave)
+    async def profile_prefill(self) -> list[fit.PrefillSample]:
+        top = self.max_len
+        # half-octave points where prompts are cheap, whole octaves above top/4 (attention is quadratic)
+        lengths = [n for n in log_grid(16, top, 1 if self.options.quick else 2) if n <= top // 4 or n == top
+                   or (n & (n - 1)) == 0]
+        multi = sorted({top, top // 2} if self.options.quick else {top, top // 4, min(top, 1024)})
+        shapes = [[n] for n in lengths] + [[n // 4] * 4 for n in multi] + [[n // 16] * 16 for n in multi[-1:]]
         out = []
         for dop in dops_of(self.config.instances):
             group = tuple(range(dop))
             await self.prefill_time([16], group)  # warm up (discarded)
-            await self.prefill_time([max(16, self.max_len // 4)], group)
-            shapes = [[n] for n in lengths]
-            multi = [n for n in lengths if n >= 256] if not self.options.quick else [self.max_len // 2, self.max_len]
-            shapes += [[n // 4] * 4 for n in multi] + [[n // 16] * 16 for n in multi[-2:]]
+            await self.prefill_time([max(16, top // 4)], group)
             for lens in shapes:
-                out.append(PrefillSample(dop, tuple(lens), await self.prefill_time(lens, group)))
+                out.append(fit.PrefillSample(dop, tuple(lens), await self.prefill_time(lens, group)))
         return out
 
-    async def profile_decode(self) -> list[DecodeSample]:
+    async def profile_decode(self) -> list[fit.DecodeSample]:
         quick = self.options.quick
-        kv_lens = log_grid(128, self.max_len, 1) if not quick else sorted({128, self.max_len // 2, self.max_len})
-        kv_lens = kv_lens if quick else kv_lens[::2] + ([kv_lens[-1]] if len(kv_lens) % 2 == 0 else [])
-        budget = 32768 if quick else 131072  # KV tokens prefilled per length, to bound the setup cost
+        # KV per request 128, 512, 2048 (capped by max-len); the decode model only sees batch and KV total,
+        # so many moderate requests stand in for a few long ones without paying for long prefills
+        kv_lens = sorted({min(n, self.max_len) for n in ((128, 512, 1024) if quick else (128, 512, 2048))})
+        tokens, work = (16384, 1 << 22) if quick else (65536, 1 << 24)  # bound the setup prefills
         out = []
         dops = [1] + ([2] if self.config.instances >= 2 else [])
         for dop in dops:
             group = tuple(range(dop))
             for kv_len in kv_lens:
-                bmax = max(1, min(64, (self.pool * dop - 128 * (self.repeats + 1)) // kv_len, budget // kv_len))
+                bmax = max(1, min(64, (self.pool * dop - 128 * (self.cheap_repeats + 1)) // kv_len, tokens // kv_len,
+                                   work // kv_len ** 2))
                 batches = [b for b in (1, 2, 4, 8, 16, 32, 64) if b <= bmax]
                 rids: list[int] = []
                 while len(rids) < batches[-1]:  # create the KV, a few requests per prefill step
@@ -189,24 +186,24 @@ class Profiler:
                 await self.decode_time(rids[:1], kv_len, group, grown)  # warm up (discarded)
                 for b in batches:
                     seconds = await self.decode_time(rids[:b], kv_len, group, grown)
-                    out.append(DecodeSample(dop, b, sum(kv_len + grown[r] for r in rids[:b]), seconds))
+                    out.append(fit.DecodeSample(dop, b, sum(kv_len + grown[r] for r in rids[:b]), seconds))
                 self.reset()
         return out
 
-    async def profile_transfer(self) -> list[TransferSample]:
+    async def profile_transfer(self) -> list[fit.TransferSample]:
         if self.config.instances < 2:
             return []
         sizes = log_grid(64, min(self.max_len, self.pool), 1)
         out = []
         for i, n in enumerate([sizes[0]] + sizes):
             times = []
-            for _ in range(self.repeats):
+            for _ in range(self.cheap_repeats):
                 rid = next(self._rid)
-                step = MigrateKV(next(self._step), rid, 0, 1, self.alloc(0, n, rid), self.alloc(1, n, rid))
+                step = msg.MigrateKV(next(self._step), rid, 0, 1, self.alloc(0, n, rid), self.alloc(1, n, rid))
                 times.append(await self.timed(step))
                 self.reset()
             if i:  # the first is a warm-up
-                out.append(TransferSample(n * self.kv_bytes_per_token(), statistics.median(times)))
+                out.append(fit.TransferSample(n * self.kv_bytes_per_token(), statistics.median(times)))
         return out
 
     async def run(self) -> tuple[dict, dict]:
@@ -220,50 +217,32 @@ class Profiler:
             await self.group.shutdown()
         kv_bytes = self.kv_bytes_per_token()
         measured = bool(transfer)
-        if not measured:  # one instance: nothing to migrate; a placeholder two-point line
-            transfer = [TransferSample(1, 1e-12), TransferSample(1 << 30, (1 << 30) / DEFAULT_TRANSFER["bytes_per_s"])]
+        if not measured:  # one instance, nothing to migrate: an exact line through the default
+            transfer = [fit.TransferSample(n, n / DEFAULT_BYTES_PER_S) for n in (1 << 20, 1 << 30)]
         cfg = self.config
         meta = {"model": str(cfg.model_dir), "device": cfg.device, "dtype": cfg.dtype, "instances": cfg.instances,
                 "threads_per_instance": cfg.threads, "kv_slots": self.pool, "max_len": self.max_len,
                 "repeats": self.repeats, "quick": self.options.quick, "transfer_measured": measured}
-        model, report = fit_cost_model(prefill, decode, transfer, kv_bytes, f"profile-{cfg.model_dir.name}", meta)
-        if not measured:
-            model = type(model)(model.prefill, model.decode, DEFAULT_TRANSFER["latency_s"],
-                                DEFAULT_TRANSFER["bytes_per_s"], kv_bytes, model.name, model.meta)
-            report["transfer"] = {"measured": False, "note": "one instance: transfer not measured, default used",
-                                  **DEFAULT_TRANSFER}
+        model, report = fit.fit_cost_model(prefill, decode, transfer, kv_bytes, f"profile-{cfg.model_dir.name}", meta)
+        report["transfer"]["measured"] = measured
         report["wall_s"] = time.perf_counter() - t0
+        report["samples"] = {"prefill": [[s.dop, list(s.lengths), s.seconds] for s in prefill],
+                             "decode": [[s.dop, s.batch_size, s.kv_tokens, s.seconds] for s in decode],
+                             "transfer": [[s.nbytes, s.seconds] for s in transfer if measured]}
         data = model.to_json()
-        data["meta"]["report"] = _jsonable(report)
+        data["meta"]["report"] = json.loads(json.dumps(report))  # str keys, as in the file
         return data, report
 
 
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
-
-
 def summary_lines(report: dict) -> list[str]:
-    lines = []
-    for kind in ("prefill", "decode"):
-        for dop, part in report[kind].items():
-            e = part["rel_error"]
-            lines.append(f"{kind:<8} dop={dop}: {part['samples']:3d} samples, rel. error median {e['median']:.1%} "
-                         f"p90 {e['p90']:.1%} max {e['max']:.1%}" + ("  (rank deficient)" if part["rank_deficient"]
-                                                                      else ""))
+    def errors(part: dict) -> str:
+        e = part["rel_error"]
+        return (f"{part['samples']:3d} samples, rel. error median {e['median']:.1%} p90 {e['p90']:.1%} "
+                f"max {e['max']:.1%}" + ("  (rank deficient)" if part["rank_deficient"] else ""))
+    lines = [f"{kind:<8} dop={dop}: {errors(part)}" for kind in ("prefill", "decode")
+             for dop, part in report[kind].items()]
     t = report["transfer"]
-    if "rel_error" in t:
-        e = t["rel_error"]
-        lines.append(f"transfer: {t['samples']:3d} samples, rel. error median {e['median']:.1%} p90 {e['p90']:.1%} "
-                     f"max {e['max']:.1%}; latency {t['latency_s'] * 1e6:.0f} us, {t['bytes_per_s'] / 1e9:.2f} GB/s")
-    else:
-        lines.append(f"transfer: {t['note']} (latency 0, {t['bytes_per_s']:.0e} B/s)")
-    lines.append(f"wall time {report['wall_s']:.1f} s")
-    return lines
-
-
-def profile(config: EngineConfig, options: ProfileOptions) -> tuple[dict, dict]:
-    return asyncio.run(Profiler(config, options).run())
+    link = f"latency {t['latency_s'] * 1e6:.0f} us, {t['bytes_per_s'] / 1e9:.2f} GB/s"
+    lines.append(f"transfer: {errors(t)}; {link}" if t["measured"] else
+                 f"transfer: one instance, not measured; default {link}")
+    return lines + [f"wall time {report['wall_s']:.1f} s"]

@@ -5,7 +5,7 @@ with its prefill; decode steps carry one token id and one slot per request.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from esp.engine.sampling_params import SamplingParams
 
@@ -34,6 +34,8 @@ class DecodeSeq:
     """One decode token: `master` embeds `token_id` at `position`, stores its KV in `slot`.
 
     `holders` are the ranks (master included) that hold KV of this request after the store.
+    In a multi-step batch, iteration k > 0 feeds back the token the master sampled and stores
+    into `next_slots[k - 1]` on the master.
     """
 
     request_id: int
@@ -43,6 +45,13 @@ class DecodeSeq:
     slot: int
     holders: tuple[int, ...]
     sample: SampleSpec
+    next_slots: tuple[int, ...] = ()
+
+    def advance(self, k: int, token_id: int) -> DecodeSeq:
+        """This sequence at iteration `k` of a multi-step batch, fed `token_id`."""
+        s = self.sample
+        return replace(self, token_id=token_id, position=self.position + k, slot=self.next_slots[k - 1],
+                       sample=SampleSpec(s.params, s.seed, s.index + k), next_slots=())
 
 
 @dataclass(frozen=True)
@@ -81,9 +90,13 @@ class PrefillBatch:
 
 @dataclass(frozen=True)
 class DecodeBatch:
+    """`steps` decode iterations in one round trip (multi-step scheduling): the masters feed
+    each sampled token back; the step returns a list of `steps` tokens per request."""
+
     step_id: int
     group: tuple[int, ...]
     seqs: tuple[DecodeSeq, ...]
+    steps: int = 1
 
 
 @dataclass(frozen=True)
@@ -134,7 +147,7 @@ class StepDone:
 
     step_id: int
     rank: int
-    sampled: dict[int, int]
+    sampled: dict[int, int | list[int]]
     compute_s: float
     comm_s: float = 0.0
 

@@ -57,8 +57,10 @@ class InFlight:
 
 class Scheduler:
     def __init__(self, policies: PolicySet, kv_slots: list[int], clock=time.monotonic,
-                 cost_model: CostModel | None = None) -> None:
+                 cost_model: CostModel | None = None, decode_steps: int = 1) -> None:
+        """`decode_steps` > 1: decode batches run up to that many iterations per round trip."""
         self.policies = policies
+        self.decode_steps = decode_steps
         self.cost_model = cost_model
         self.allocators = [SlotAllocator(n) for n in kv_slots]
         self.clock = clock
@@ -241,30 +243,43 @@ class Scheduler:
         return steps
 
     def _decode_step(self, batch: Batch, plan: DecodePlan) -> DecodeBatch:
-        seqs = self._decode_seqs(batch.request_ids, plan)
-        return self._launch(DecodeBatch(self._step_id(), tuple(plan.group), seqs),
+        steps = self._decode_steps(plan)
+        seqs = self._decode_seqs(batch.request_ids, plan, steps)
+        return self._launch(DecodeBatch(self._step_id(), tuple(plan.group), seqs, steps),
                             Batch(tuple(s.request_id for s in seqs), tuple(plan.group)))
 
-    def _decode_seqs(self, request_ids: tuple[int, ...], plan: DecodePlan) -> tuple[DecodeSeq, ...]:
+    def _decode_steps(self, plan: DecodePlan) -> int:
+        """Iterations for a multi-step batch: at most `decode_steps`, no more than any request
+        may still generate, and within every master's free slots."""
+        per_master: dict[int, int] = {}
+        for master in plan.masters.values():
+            per_master[master] = per_master.get(master, 0) + 1
+        left = min((self.requests[rid].params.max_tokens - len(self.requests[rid].output_ids)
+                    for rid in plan.masters), default=1)
+        room = min((self.allocators[m].num_free // n for m, n in per_master.items()), default=1)
+        return max(1, min(self.decode_steps, left, room))
+
+    def _decode_seqs(self, request_ids: tuple[int, ...], plan: DecodePlan, steps: int = 1) -> tuple[DecodeSeq, ...]:
         seqs = []
         for rid in request_ids:
             if rid not in plan.masters:
                 continue
             req, master = self.requests[rid], plan.masters[rid]
-            slot = self.allocators[master].allocate(1)[0]
+            slot, *more = self.allocators[master].allocate(steps)
             position = req.num_kv
             if master not in req.placement:
                 req.esp["scale_events"].append({"kind": "scale_up", "rank": master, "at_token": position})
             slots = req.placement.pop(master, [])
             req.placement_version += 1
             slots.append(slot)
+            slots.extend(more)
             req.placement[master] = slots
             req.in_flight = True
             key = tuple(plan.group)
-            req.esp["decode_groups"][key] = req.esp["decode_groups"].get(key, 0) + 1
-            req.esp["masters"][str(master)] = req.esp["masters"].get(str(master), 0) + 1
+            req.esp["decode_groups"][key] = req.esp["decode_groups"].get(key, 0) + steps
+            req.esp["masters"][str(master)] = req.esp["masters"].get(str(master), 0) + steps
             seqs.append(DecodeSeq(rid, req.output_ids[-1], position, master, slot,
-                                  tuple(req.placement), self._sample_spec(req)))
+                                  tuple(req.placement), self._sample_spec(req), tuple(more)))
         return tuple(seqs)
 
     def _schedule_migrations(self, view: ClusterView) -> list[Step]:
@@ -327,7 +342,7 @@ class Scheduler:
         return True
 
     # -- update -------------------------------------------------------------------------
-    def complete(self, step_id: int, sampled: dict[int, int]) -> list[Request]:
+    def complete(self, step_id: int, sampled: dict[int, int | list[int]]) -> list[Request]:
         """Apply a finished step. Returns the requests that got a token or ended."""
         flight = self.in_flight.pop(step_id)
         self.busy -= set(flight.step.group)
@@ -341,9 +356,11 @@ class Scheduler:
             if req.abort_requested:
                 self._finish(req, "abort")
             elif rid in sampled:
-                req.append(sampled[rid])
-                if req.finish_reason:
-                    self._finish(req, req.finish_reason)
+                for token in sampled[rid] if isinstance(sampled[rid], list) else (sampled[rid],):
+                    req.append(token)
+                    if req.finish_reason:
+                        self._finish(req, req.finish_reason)
+                        break
             elif req.status is Status.WAITING:
                 self.waiting.touch()
                 continue

@@ -75,7 +75,8 @@ def _(step: PrefillBatch, cost: CostModel) -> float:
 
 @step_time.register
 def _(step: DecodeBatch, cost: CostModel) -> float:
-    return cost.decode_time(len(step.seqs), sum(s.position + 1 for s in step.seqs), len(step.group))
+    batch, kv = len(step.seqs), sum(s.position + 1 for s in step.seqs)
+    return sum(cost.decode_time(batch, kv + k * batch, len(step.group)) for k in range(step.steps))
 
 
 @step_time.register
@@ -135,7 +136,9 @@ class SimBackend:
     async def run(self, step: Step) -> StepResult:
         seconds = step_time(step, self.cost)
         await asyncio.sleep(seconds)
-        return StepResult(step.step_id, dict.fromkeys(sampled_ids(step), SIM_TOKEN), seconds, 0.0)
+        steps = getattr(step, "steps", 1)
+        token = SIM_TOKEN if steps == 1 else [SIM_TOKEN] * steps
+        return StepResult(step.step_id, dict.fromkeys(sampled_ids(step), token), seconds, 0.0)
 
     def release(self, rank: int, request_ids: tuple[int, ...]) -> None:
         return None

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import singledispatchmethod
 
 import torch
@@ -95,11 +95,21 @@ class Worker:
     @handle.register
     def _(self, msg: DecodeBatch) -> StepDone:
         t0 = time.perf_counter()
-        ctx = DistributedDecode(msg, self.rank, self.pool, self.local, self.comm, self.device)
-        with torch.inference_mode():
-            hidden = self.model(ctx.input_ids, ctx.positions, ctx)
-            sampled = self._sample(hidden, [s.request_id for s in ctx.mine], [s.sample for s in ctx.mine])
-        return self._done(msg.step_id, sampled, t0)
+        tokens: dict[int, list[int]] = {}
+        batch = msg
+        for k in range(msg.steps):
+            if k:
+                batch = replace(msg, seqs=tuple(s.advance(k, tokens[s.request_id][-1] if s.master == self.rank else 0)
+                                                for s in msg.seqs))
+            ctx = DistributedDecode(batch, self.rank, self.pool, self.local, self.comm, self.device)
+            with torch.inference_mode():
+                hidden = self.model(ctx.input_ids, ctx.positions, ctx)
+                sampled = self._sample(hidden, [s.request_id for s in ctx.mine], [s.sample for s in ctx.mine])
+            for rid, tok in sampled.items():
+                tokens.setdefault(rid, []).append(tok)
+        if msg.steps == 1:
+            return self._done(msg.step_id, {rid: t[0] for rid, t in tokens.items()}, t0)
+        return self._done(msg.step_id, tokens, t0)
 
     @handle.register
     def _(self, msg: MigrateKV) -> StepDone:

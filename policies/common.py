@@ -26,6 +26,7 @@ def pick_master(r: RequestView, group: set[int], free: dict[int, int], spare: li
     holders = list(r.kv_tokens)
     candidates = holders[-1:] + sorted(group, key=lambda i: -free[i])
     master = next((i for i in candidates if free[i] > 0), None)
+    spare[:] = [i for i in spare if free[i] > 0]
     if master is None and spare:
         master = spare.pop(0)
         group.add(master)

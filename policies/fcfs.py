@@ -76,7 +76,7 @@ class GreedyScaling(ScalingPolicy):
         free = {i: view.free_slots[i] for i in range(view.num_instances)}
         by_id = {r.request_id: r for r in view.running}
         group = set(batch.group)
-        spare = sorted(view.idle - group, key=lambda i: -free[i])
+        spare = sorted((i for i in view.idle - group if free[i] > 0), key=lambda i: -free[i])
         masters = {}
         for rid in batch.request_ids:
             holders = list(by_id[rid].kv_tokens)

@@ -42,11 +42,13 @@ def solo():
     return tokens
 
 
-@pytest.mark.parametrize("policy, options", [("loong", {}), ("replicas", {}), ("static-sp", {}), ("disagg", {}),
-                                             ("chunked", {"chunk_size": 256})])
-def test_bundle_finishes_everything_with_solo_tokens(solo, policy, options):
+@pytest.mark.parametrize("policy, options, steps", [("loong", {}, 1), ("replicas", {}, 1), ("static-sp", {}, 1),
+                                                    ("disagg", {}, 1), ("chunked", {"chunk_size": 256}, 1),
+                                                    ("loong", {}, 3)])
+def test_bundle_finishes_everything_with_solo_tokens(solo, policy, options, steps):
+    """`steps=3`: multi-step decode (three iterations per round trip, fed back on the masters)."""
     config = EngineConfig(instances=4, dtype="float64", kv_tokens_per_instance=1500, threads_per_instance=1,
-                          policy=policy, policy_options=options)
+                          policy=policy, policy_options=options, decode_steps=steps)
     tokens, all_free = asyncio.run(run_all(config, sequential=False))
     assert tokens == solo
     assert all_free

@@ -82,3 +82,16 @@ def test_decisions_keep_every_rule(name, data):
 
 def test_every_bundle_is_listed():
     assert {"loong", "replicas", "chunked", "static-sp", "disagg"} <= set(BUNDLES)
+
+
+@pytest.mark.parametrize("name", BUNDLES)
+def test_scale_up_never_picks_an_idle_instance_without_a_free_slot(name):
+    """Holders full, one idle instance full too, one with room: masters only where slots are."""
+    full = RequestView(7, 0.0, 40, 1, 100, MappingProxyType({0: 41}))
+    view = ClusterView(now=1.0, capacity=(41, 50, 50), free_slots=(0, 0, 9), idle=frozenset({0, 1, 2}),
+                       waiting=(), running=(full,))
+    p = load_policy_set(name, PolicyOptions())
+    for batch in p.batching.decode_batches(view, view.idle):
+        plan = p.scaling.decode_plan(view, batch)
+        check_decode(p, view, batch, plan)
+        assert 1 not in plan.masters.values()

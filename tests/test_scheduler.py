@@ -250,3 +250,37 @@ def test_two_decode_batches_on_disjoint_instances_in_one_schedule():
         s.complete(st.step_id, {seq.request_id: 5 for seq in st.seqs})
     run_until_idle(s)
     assert a.finish_reason == b.finish_reason == "length" and s.free_slots() == [32, 32]
+
+
+def test_multi_step_decode_is_bounded_by_tokens_left_and_free_slots():
+    s = Scheduler(loong(), [20], decode_steps=4)
+    req = make_request(1, 10, max_tokens=7)
+    s.add(req)
+    steps, _ = s.schedule()
+    s.complete(steps[0].step_id, {1: 5})
+    rounds = []
+    while s.requests:
+        (step,), _ = s.schedule()
+        rounds.append(step.steps)
+        assert [len(seq.next_slots) for seq in step.seqs] == [step.steps - 1]
+        s.complete(step.step_id, {1: [5] * step.steps})
+    # 6 tokens left after the prefill's first: 4 then 2; the pool (20) never binds.
+    assert rounds == [4, 2] and req.output_ids == [5] * 7 and s.free_slots() == [20]
+    tight = Scheduler(loong(), [13], decode_steps=4)
+    tight.add(make_request(2, 10, max_tokens=7))
+    steps, _ = tight.schedule()
+    tight.complete(steps[0].step_id, {2: 5})
+    (step,), _ = tight.schedule()
+    assert step.steps == 3  # 13 slots - 10 prompt = 3 free
+
+
+def test_multi_step_tokens_after_eos_are_dropped_and_slots_freed():
+    s = Scheduler(loong(), [40], decode_steps=4)
+    req = make_request(1, 10, max_tokens=9)
+    s.add(req)
+    steps, _ = s.schedule()
+    s.complete(steps[0].step_id, {1: 5})
+    (step,), _ = s.schedule()
+    s.complete(step.step_id, {1: [6, EOS, 7, 8]})
+    assert req.output_ids == [5, 6, EOS] and req.finish_reason == "stop"
+    assert s.free_slots() == [40] and not s.requests
