@@ -15,20 +15,25 @@ class OutOfSlots(RuntimeError):
 
 
 class SlotAllocator:
-    """Free list of one instance's pool: a contiguous run first, else the lowest free slots."""
+    """Free list of one instance's pool. A prompt's KV takes the first contiguous run that fits
+    (else the lowest free slots); decode tokens take the lowest free slots, found from a
+    cursor below which every slot is in use, so a decode step never scans the whole pool."""
+
+    SMALL = 64
 
     def __init__(self, num_slots: int) -> None:
         self.num_slots = num_slots
         self._free = np.ones(num_slots, dtype=bool)
         self.num_free = num_slots
+        self._cursor = 0
 
     def allocate(self, n: int) -> list[int]:
         if n > self.num_free:
             raise OutOfSlots(f"asked for {n} slots, {self.num_free} free")
         if n == 0:
             return []
-        if n == 1:
-            slots = np.array([int(np.argmax(self._free))])
+        if n <= self.SMALL:
+            slots = self._lowest(n)
         else:
             start = self._first_run(n)
             slots = np.arange(start, start + n) if start >= 0 else np.flatnonzero(self._free)[:n]
@@ -46,6 +51,18 @@ class SlotAllocator:
         expected, self.num_free = self.num_free + len(idx), int(np.count_nonzero(self._free))
         if self.num_free != expected:
             raise RuntimeError("double free of KV slots (a slot is listed twice)")
+        self._cursor = min(self._cursor, int(idx.min()))
+
+    def _lowest(self, n: int) -> np.ndarray:
+        found, start = [], self._cursor
+        while n > 0:
+            window = np.flatnonzero(self._free[start: start + 4096])[:n] + start
+            found.append(window)
+            n -= len(window)
+            start += 4096
+        slots = np.concatenate(found)
+        self._cursor = int(slots[-1]) + 1
+        return slots
 
     def _first_run(self, n: int) -> int:
         padded = np.concatenate(([False], self._free, [False])).astype(np.int8)
