@@ -6,6 +6,7 @@ with its prefill; decode steps carry one token id and one slot per request.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Sequence
 
 from esp.engine.sampling_params import SamplingParams
 
@@ -26,7 +27,7 @@ class KeepRange:
     rank: int
     start: int
     end: int
-    slots: list[int]
+    slots: Sequence[int]
 
 
 @dataclass(frozen=True)
@@ -108,8 +109,8 @@ class MigrateKV:
     request_id: int
     src: int
     dst: int
-    src_slots: list[int]
-    dst_slots: list[int]
+    src_slots: Sequence[int]
+    dst_slots: Sequence[int]
     chunk: int = 4096
 
     @property

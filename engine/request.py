@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 import time
+from array import array
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -18,7 +19,7 @@ class Status(enum.Enum):
 
 @dataclass
 class Request:
-    """Owned by the scheduler. `placement` is `{rank: [slots]}` in position order, with ranks
+    """Owned by the scheduler. `placement` is `{rank: array('q') of slots}` in position order, with ranks
     in the order their ranges appear in the sequence. Times come from `clock` (the event
     loop's, which is virtual under the simulator)."""
 
@@ -34,7 +35,7 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     status: Status = Status.WAITING
-    placement: dict[int, list[int]] = field(default_factory=dict)
+    placement: dict[int, array] = field(default_factory=dict)
     placement_version: int = 0
     first_token_at: float | None = None
     finished_at: float | None = None

@@ -8,6 +8,7 @@ sampled tokens. The scheduler is plain synchronous code, testable on CPU with ha
 from __future__ import annotations
 
 import time
+from array import array
 from collections import deque
 from dataclasses import dataclass, replace
 from types import MappingProxyType
@@ -210,7 +211,7 @@ class Scheduler:
             keep = []
             for rank, n in ranges[rid]:
                 slots = self.allocators[rank].allocate(n)
-                req.placement.setdefault(rank, []).extend(slots)
+                req.placement.setdefault(rank, array("q")).extend(slots)
                 req.placement_version += 1
                 keep.append(KeepRange(rank, start, start + n, slots))
                 start += n
@@ -269,7 +270,7 @@ class Scheduler:
             position = req.num_kv
             if master not in req.placement:
                 req.esp["scale_events"].append({"kind": "scale_up", "rank": master, "at_token": position})
-            slots = req.placement.pop(master, [])
+            slots = req.placement.pop(master, array("q"))
             req.placement_version += 1
             slots.append(slot)
             slots.extend(more)
@@ -306,7 +307,7 @@ class Scheduler:
         kept = req.placement.pop(move.src)[: -len(move.src_slots)]
         if kept:
             req.placement[move.src] = kept
-        req.placement[move.dst] = req.placement.pop(move.dst, []) + move.dst_slots
+        req.placement[move.dst] = req.placement.pop(move.dst, array("q")) + move.dst_slots
         req.placement_version += 1
         if req.abort_requested:
             self._finish(req, "abort")

@@ -21,7 +21,7 @@ def test_allocations_are_disjoint_lowest_first_and_frees_return_them(size, ops):
             assert len(slots) == n and not used & set(slots) and all(0 <= x < size for x in slots)
             if n <= SlotAllocator.SMALL:
                 free = sorted(set(range(size)) - used)
-                assert slots == free[:n]
+                assert list(slots) == free[:n]
             used |= set(slots)
             held.append(slots)
         elif held:

@@ -211,10 +211,10 @@ def test_migration_moves_the_last_tokens_and_frees_the_source_slots():
     dst = 1 - src
     before = list(r.placement[src])
     move = s.migrate(1, src, dst, 12)
-    assert move.src_slots == before[-12:] and len(move.dst_slots) == 12
+    assert list(move.src_slots) == before[-12:] and len(move.dst_slots) == 12
     assert s.schedule() == ([], [])  # the request is in flight, both instances busy
     assert s.complete(move.step_id, {}) == []
-    assert r.placement == {src: before[:-12], dst: move.dst_slots}
+    assert {k: list(v) for k, v in r.placement.items()} == {src: before[:-12], dst: list(move.dst_slots)}
     assert list(r.placement)[-1] == dst
     assert s.free_slots() == [100 - 18 if i == src else 100 - 12 for i in range(2)]
     run_until_idle(s)
