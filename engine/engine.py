@@ -213,6 +213,17 @@ class Engine:
 
     # -- loop ---------------------------------------------------------------------------
     async def _run(self) -> None:
+        try:
+            await self._loop()
+        except Exception as err:  # a bug in the control plane: tell every request, refuse new ones
+            log.exception("engine loop failed")
+            self.backend.dead = f"engine loop failed: {type(err).__name__}: {err}"
+            for req in list(self.scheduler.requests.values()):
+                req.finish("error", self.backend.dead)
+                self._deliver([req])
+            raise
+
+    async def _loop(self) -> None:
         while True:
             steps, failed = self.scheduler.schedule()
             self._deliver(failed)

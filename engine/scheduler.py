@@ -158,14 +158,16 @@ class Scheduler:
         try:
             return stage(view)
         except PolicyViolation as err:
-            for rid in err.request_ids:
-                req = self.requests.get(rid)
-                if req is not None and not req.in_flight:
-                    if req.status is Status.WAITING:
-                        self.waiting.remove(req)
-                    self._finish(req, "error", str(err))
-                    failed.append(req)
+            self._reject(err, failed)
             return []
+
+    def _reject(self, err: PolicyViolation, failed: list[Request]) -> None:
+        """End the requests a broken rule names (those not in a step) with its message."""
+        for rid in err.request_ids:
+            req = self.requests.get(rid)
+            if req is not None and not req.in_flight:
+                self._finish(req, "error", str(err))
+                failed.append(req)
 
     def _schedule_prefill(self, view: ClusterView) -> list[Step]:
         p = self.policies
@@ -235,8 +237,14 @@ class Scheduler:
         check_decode_batches(p.batching, view, batches)
         steps = []
         for batch in batches:
+            if not set(batch.group) <= view.idle:
+                continue  # an earlier batch scaled up onto it: this one runs next round
             plan = p.scaling.decode_plan(view, batch)
-            check_decode(p, view, batch, plan)
+            try:
+                check_decode(p, view, batch, plan)
+            except PolicyViolation as err:  # the batches launched before it still run
+                self._reject(err, self.stuck)
+                continue
             if plan.masters:
                 steps.append(self._decode_step(batch, plan))
                 view = replace(view, idle=view.idle - set(plan.group),

@@ -20,6 +20,14 @@ def batches_by_holders(requests: list[RequestView], max_batch: int) -> list[Batc
     return [Batch(tuple(ids[:max_batch]), tuple(sorted(ranks))) for ranks, ids in groups]
 
 
+def spare_instances(view: ClusterView, group: set[int], free: dict[int, int]) -> list[int]:
+    """Idle instances a decode batch may scale up onto: outside its group, with a free slot,
+    and holding no other running request's KV (those belong to other decode batches).
+    Most free slots first."""
+    holding = {i for r in view.running for i in r.kv_tokens}
+    return sorted((i for i in view.idle - group - holding if free[i] > 0), key=lambda i: (-free[i], i))
+
+
 def pick_master(r: RequestView, group: set[int], free: dict[int, int], spare: list[int]) -> int | None:
     """The holder of the newest token if it has room, else the group member with the most free
     slots, else a spare instance (scale-up, taken out of `spare` and added to `group`)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from esp.policies.base import (Batch, BatchingPolicy, ClusterView, DecodePlan, Dispatch, KeepPlan, Migration,
                                PolicyOptions, PolicySet, ScalingPolicy, SchedulingPolicy)
-from esp.policies.common import batches_by_holders, pick_master
+from esp.policies.common import batches_by_holders, pick_master, spare_instances
 from esp.policies.fcfs import FCFSScheduling, GreedyScaling
 
 
@@ -58,7 +58,7 @@ class DisaggScaling(ScalingPolicy):
         _, decode = split(view, self.options)
         free = {i: view.free_slots[i] for i in range(view.num_instances)}
         group = set(batch.group)
-        spare = sorted((view.idle & decode) - group, key=lambda i: -free[i])
+        spare = [i for i in spare_instances(view, group, free) if i in decode]
         masters = {}
         for r in view.running:
             if r.request_id in batch.request_ids:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from esp.policies.base import (Batch, BatchingPolicy, ClusterView, DecodePlan, Dispatch, KeepPlan,
                                ScalingPolicy, SchedulingPolicy)
+from esp.policies.common import spare_instances
 
 
 def decode_reserve(view: ClusterView) -> int:
@@ -76,7 +77,7 @@ class GreedyScaling(ScalingPolicy):
         free = {i: view.free_slots[i] for i in range(view.num_instances)}
         by_id = {r.request_id: r for r in view.running}
         group = set(batch.group)
-        spare = sorted((i for i in view.idle - group if free[i] > 0), key=lambda i: -free[i])
+        spare = spare_instances(view, group, free)
         masters = {}
         for rid in batch.request_ids:
             holders = list(by_id[rid].kv_tokens)

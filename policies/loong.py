@@ -18,7 +18,7 @@ import math
 
 from esp.policies.base import Batch, ClusterView, DecodePlan, Dispatch, PolicyOptions, PolicySet, SchedulingPolicy
 from esp.policies.batching_dp import plan_batches
-from esp.policies.common import running_on
+from esp.policies.common import running_on, spare_instances
 from esp.policies.cost_model import CostModel
 from esp.policies.fcfs import FCFSBatching, GreedyScaling
 
@@ -104,7 +104,7 @@ class LoongScaling(GreedyScaling):
             return plan
         free = {i: view.free_slots[i] - load.get(i, 0) for i in range(view.num_instances)}
         group = set(plan.group)
-        spare = sorted((i for i in view.idle - group if free[i] > 0), key=lambda i: -free[i])
+        spare = spare_instances(view, group, free)
         masters = dict(plan.masters)
         for rid, master in plan.masters.items():
             if load[master] <= limit:

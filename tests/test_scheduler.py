@@ -284,3 +284,28 @@ def test_multi_step_tokens_after_eos_are_dropped_and_slots_freed():
     s.complete(step.step_id, {1: [6, EOS, 7, 8]})
     assert req.output_ids == [5, 6, EOS] and req.finish_reason == "stop"
     assert s.free_slots() == [40] and not s.requests
+
+
+def test_a_broken_decode_plan_fails_its_batch_without_losing_the_batches_launched_before_it():
+    from esp.policies.replicas import ReplicaScaling
+
+    class BreaksOnOne(ReplicaScaling):
+        def decode_plan(self, view, batch):
+            plan = super().decode_plan(view, batch)
+            return DecodePlan(plan.group, {rid: 0 for rid in plan.masters}) if batch.group == (1,) else plan
+
+    p = load_policy_set("replicas", PolicyOptions())
+    s = Scheduler(p, [32, 32])
+    a, b = make_request(1, 5, max_tokens=3), make_request(2, 5, max_tokens=3)
+    s.add(a)
+    s.add(b)
+    steps, _ = s.schedule()
+    for st in steps:
+        s.complete(st.step_id, {seq.request_id: 5 for seq in st.seqs})
+    s.policies = replace(p, scaling=BreaksOnOne(p.scaling.options))
+    steps, failed = s.schedule()
+    assert [st.group for st in steps] == [(0,)] and set(s.in_flight) == {steps[0].step_id}
+    assert [r.id for r in failed] == [2] and "outside the group" in b.error
+    s.complete(steps[0].step_id, {1: 5})
+    run_until_idle(s)
+    assert a.finish_reason == "length" and s.free_slots() == [32, 32]
