@@ -256,3 +256,10 @@ def test_min_output_and_minimum_lengths():
     assert [(r.input_len, r.output_len) for r in w] == [(1, 4), (5, 4)]
     tiny = make_workload(load_dataset("lveval"), 200, rate=1.0, seed=0, max_context=2)
     assert all(r.input_len == 1 and r.output_len == 1 for r in tiny)
+
+
+def test_scale_input_keeps_outputs_up_to_a_cap_and_shrinks_inputs_by_one_factor():
+    src = [TraceRequest(0.0, n, o) for n, o in ((100_000, 40), (10_000, 500), (1_000, 3))]
+    w = make_workload(src, 3, None, seed=0, max_context=1024, fit="scale-input")
+    # cap 128; factor (1024 - 128) / 100000 = 0.00896: inputs 896, 89, 8
+    assert [(r.input_len, r.output_len) for r in w] == [(896, 40), (89, 128), (8, 3)]

@@ -38,6 +38,8 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--burstiness", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-context", type=positive_int, help="scale lengths to fit (default: the model's)")
+    g.add_argument("--fit", choices=("scale", "scale-input", "clip"), default="scale",
+                   help="how lengths fit --max-context (see esp.cli.bench.workload)")
     g.add_argument("--policies", help="comma-separated policy bundles to sweep (default: --policy)")
     g.add_argument("--slo-ttft-scale", type=float, default=5.0, help="TTFT SLO = scale x predicted prefill")
     g.add_argument("--slo-ttft-floor", type=float, default=0.25, help="TTFT SLO floor, seconds")
@@ -127,7 +129,8 @@ def _run_loop(coro, backend: str):
 def _workloads(args: argparse.Namespace, rates: list[float | None], max_context: int | None) -> dict:
     try:
         source = load_trace(args.trace) if args.trace else load_dataset(args.dataset)
-        return {rate: make_workload(source, args.num_requests, rate, args.seed, args.burstiness, max_context)
+        return {rate: make_workload(source, args.num_requests, rate, args.seed, args.burstiness, max_context,
+                                    fit=args.fit)
                 for rate in rates}
     except (ValueError, OSError) as err:
         raise CLIError(str(err)) from None

@@ -91,6 +91,9 @@ def _fit(lengths: np.ndarray, max_context: int, fit: str) -> np.ndarray:
         the shape of the distribution and the order of lengths.
     clip: requests that do not fit keep their output (capped at max_context - 1) and have their
         input truncated to max_context - output; the others are unchanged.
+    scale-input: outputs keep their length, capped at max_context // 8; inputs are multiplied by
+        one factor so that the longest input plus that cap fits (a long-context distribution
+        shrunk for a small model without losing its decode work).
     """
     if max_context < 2:
         raise ValueError(f"max_context must be >= 2, got {max_context}")
@@ -99,11 +102,17 @@ def _fit(lengths: np.ndarray, max_context: int, fit: str) -> np.ndarray:
         if longest <= max_context:
             return lengths
         return np.maximum(np.floor(lengths * (max_context / longest)).astype(np.int64), 1)
+    if fit == "scale-input":
+        cap = max(1, max_context // 8)
+        out = np.minimum(lengths[:, 1], cap)
+        room, longest = max_context - cap, int(lengths[:, 0].max())
+        inp = lengths[:, 0] if longest <= room else lengths[:, 0] * room // longest
+        return np.stack([np.maximum(inp, 1), out], axis=1)
     if fit == "clip":
         out = np.minimum(lengths[:, 1], max_context - 1)
         inp = np.minimum(lengths[:, 0], max_context - out)
         return np.stack([inp, out], axis=1)
-    raise ValueError(f"fit must be 'scale' or 'clip', got {fit!r}")
+    raise ValueError(f"fit must be 'scale', 'scale-input' or 'clip', got {fit!r}")
 
 
 def make_workload(requests: list[TraceRequest], num_requests: int, rate: float | None,
