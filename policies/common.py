@@ -28,16 +28,22 @@ def spare_instances(view: ClusterView, group: set[int], free: dict[int, int]) ->
     return sorted((i for i in view.idle - group - holding if free[i] > 0), key=lambda i: (-free[i], i))
 
 
+def first_with_room(candidates, free: dict[int, int], group: set[int], spare: list[int]) -> int | None:
+    """The first candidate with a free slot, else a spare instance with one (scale-up: taken
+    out of `spare` and added to `group`), else None."""
+    chosen = next((i for i in candidates if free[i] > 0), None)
+    spare[:] = [i for i in spare if free[i] > 0]
+    if chosen is None and spare:
+        chosen = spare.pop(0)
+        group.add(chosen)
+    return chosen
+
+
 def pick_master(r: RequestView, group: set[int], free: dict[int, int], spare: list[int]) -> int | None:
     """The holder of the newest token if it has room, else the group member with the most free
-    slots, else a spare instance (scale-up, taken out of `spare` and added to `group`)."""
+    slots, else a spare instance (scale-up)."""
     holders = list(r.kv_tokens)
-    candidates = holders[-1:] + sorted(group, key=lambda i: -free[i])
-    master = next((i for i in candidates if free[i] > 0), None)
-    spare[:] = [i for i in spare if free[i] > 0]
-    if master is None and spare:
-        master = spare.pop(0)
-        group.add(master)
+    master = first_with_room(holders[-1:] + sorted(group, key=lambda i: -free[i]), free, group, spare)
     if master is not None:
         free[master] -= 1
     return master

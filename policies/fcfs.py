@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from esp.policies.base import (Batch, BatchingPolicy, ClusterView, DecodePlan, Dispatch, KeepPlan,
                                ScalingPolicy, SchedulingPolicy)
-from esp.policies.common import spare_instances
+from esp.policies.common import pick_master, spare_instances
 
 
 def decode_reserve(view: ClusterView) -> int:
@@ -80,14 +80,7 @@ class GreedyScaling(ScalingPolicy):
         spare = spare_instances(view, group, free)
         masters = {}
         for rid in batch.request_ids:
-            holders = list(by_id[rid].kv_tokens)
-            candidates = [holders[-1]] + sorted(group, key=lambda i: -free[i])
-            master = next((i for i in candidates if free[i] > 0), None)
-            if master is None and spare:
-                master = spare.pop(0)
-                group.add(master)
-            if master is None:
-                continue
-            masters[rid] = master
-            free[master] -= 1
+            master = pick_master(by_id[rid], group, free, spare)
+            if master is not None:
+                masters[rid] = master
         return DecodePlan(tuple(sorted(group)), masters)

@@ -18,7 +18,7 @@ import math
 
 from esp.policies.base import Batch, ClusterView, DecodePlan, Dispatch, PolicyOptions, PolicySet, SchedulingPolicy
 from esp.policies.batching_dp import plan_batches
-from esp.policies.common import running_on, spare_instances
+from esp.policies.common import first_with_room, running_on, spare_instances
 from esp.policies.cost_model import CostModel
 from esp.policies.fcfs import FCFSBatching, GreedyScaling
 
@@ -109,11 +109,8 @@ class LoongScaling(GreedyScaling):
         for rid, master in plan.masters.items():
             if load[master] <= limit:
                 continue
-            target = next((i for i in sorted(group, key=lambda i: load.get(i, 0))
-                           if load.get(i, 0) < limit and free[i] > 0), None)
-            if target is None and spare:
-                target = spare.pop(0)
-                group.add(target)
+            light = [i for i in sorted(group, key=lambda i: load.get(i, 0)) if load.get(i, 0) < limit]
+            target = first_with_room(light, free, group, spare)
             if target is None:
                 break
             masters[rid] = target
