@@ -2,8 +2,8 @@
 profile of this machine, and report the per-request latency error (median and p90).
 
     .venv/bin/esp-run profile --instances 2 --threads-per-instance 1 --kv-tokens-per-instance 8192 \
-        --out cpu-profile.json
-    .venv/bin/python benchmarks/sim_fidelity.py --profile cpu-profile.json [--num-requests 40] [--rate 1]
+        --max-len 2048 --out docs/results/cpu-profile.json
+    .venv/bin/python benchmarks/sim_fidelity.py --profile docs/results/cpu-profile.json [--num-requests 40] [--rate 1]
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--kv-tokens-per-instance", type=int, default=8192)
     args = ap.parse_args()
     workload = make_workload(load_dataset(args.dataset), args.num_requests, args.rate, seed=0,
-                             max_context=args.max_context)
+                             max_context=args.max_context, fit="scale-input")
     base = dict(instances=args.instances, threads_per_instance=1, policy=args.policy, profile=args.profile,
                 kv_tokens_per_instance=args.kv_tokens_per_instance)
     real = asyncio.run(records(EngineConfig(**base), workload, sim=False))
