@@ -207,3 +207,10 @@ def test_plot_writes_png(tmp_path):
     assert plot_sweep(sweep, str(out), title="test sweep") == str(out)
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_errors_that_differ_only_in_numbers_are_counted_as_one_cause():
+    failed = [RequestRecord(n, 0, 0.0, None, (), None, False, f"cannot place a request of {n} tokens")
+              for n in (1200, 4500)]
+    out = summarize(failed + [RequestRecord(5, 0, 0.0, None, (), None, False, "timeout")], 1.0, SLO())
+    assert out["errors"] == {"cannot place a request of N tokens": 2, "timeout": 1}

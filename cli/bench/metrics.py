@@ -20,6 +20,8 @@ SLO misses. Statistics of an empty set are ``None``; rates over zero duration ar
 """
 from __future__ import annotations
 
+import re
+
 import itertools
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -109,6 +111,11 @@ def _pkey(p: float) -> str:
     return f"p{int(p)}" if float(p).is_integer() else f"p{p:g}"
 
 
+def error_kind(message: str) -> str:
+    """An error message with its numbers replaced by N, so that one cause is counted once."""
+    return re.sub(r"\d+", "N", message)
+
+
 def stats(values: Iterable[float], percentiles: Sequence[float] = (50, 90, 99)) -> dict:
     """mean, median and ``p<P>`` for each P (P=50 is reported as ``median`` only)."""
     a = np.asarray(list(values), dtype=np.float64)
@@ -138,7 +145,7 @@ def _summary(records: Sequence[RequestRecord], duration_s: float, slo: SLO,
     errors: dict[str, int] = {}
     for r in records:
         if not r.completed:
-            key = r.error or ("incomplete" if r.success else "unknown error")
+            key = error_kind(r.error or ("incomplete" if r.success else "unknown error"))
             errors[key] = errors.get(key, 0) + 1
     return {
         "num_requests": len(records),
