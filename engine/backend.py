@@ -116,6 +116,9 @@ class WorkerGroup:
         return StepResult(step.step_id, sampled, max(d.compute_s for d in done),
                           max(d.comm_s for d in done))
 
+    def new_work(self) -> None:
+        """A request arrived. Worker rounds always run to their end, so nothing changes here."""
+
     def release(self, rank: int, request_ids: tuple[int, ...]) -> None:
         if not self.dead and request_ids:
             self.links[rank].send(Release(request_ids))

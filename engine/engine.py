@@ -116,6 +116,7 @@ class Engine:
                              f"does not give the instances' KV capacity")
         self.tokenizer = SimTokenizer()
         self.backend = SimBackend([int(slots)] * self.config.instances, self.cost_model)
+        await self.backend.start()
 
     async def stop(self) -> None:
         if self._loop_task:
@@ -151,6 +152,7 @@ class Engine:
         except ValueError:
             self._forget(req)
             raise
+        self.backend.new_work()
         self._wake.set()
         try:
             while True:
@@ -245,6 +247,10 @@ class Engine:
         except BackendError as err:
             log.error("step %d on %s failed: %s", step.step_id, step.group, err)
             touched = self.scheduler.fail(step.step_id, str(err))
+        except Exception as err:  # a bug: the step's requests end with it, the engine goes on
+            log.exception("step %d on %s failed", step.step_id, step.group)
+            touched = self.scheduler.fail(step.step_id, f"internal error: {type(err).__name__}: {err}") \
+                if step.step_id in self.scheduler.in_flight else []
         self._deliver(touched)
         self._flush_releases()
         self._wake.set()

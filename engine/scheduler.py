@@ -291,6 +291,18 @@ class Scheduler:
                                   tuple(req.placement), self._sample_spec(req), tuple(more)))
         return tuple(seqs)
 
+    def _free_unused(self, req: Request, step: Step, produced: int) -> None:
+        """A multi-step round that ended early (the simulator's, on a new arrival) leaves the
+        slots of its unrun iterations at the end of the master's placement: free them."""
+        surplus = getattr(step, "steps", 1) - produced
+        if surplus <= 0:
+            return
+        master = next(s.master for s in step.seqs if s.request_id == req.id)
+        slots = req.placement[master]
+        self.allocators[master].free(slots[-surplus:])
+        del slots[-surplus:]
+        req.placement_version += 1
+
     def _schedule_migrations(self, view: ClusterView) -> list[Step]:
         if not view.running:
             return []
@@ -365,11 +377,14 @@ class Scheduler:
             if req.abort_requested:
                 self._finish(req, "abort")
             elif rid in sampled:
-                for token in sampled[rid] if isinstance(sampled[rid], list) else (sampled[rid],):
+                tokens = sampled[rid] if isinstance(sampled[rid], list) else [sampled[rid]]
+                for token in tokens:
                     req.append(token)
                     if req.finish_reason:
                         self._finish(req, req.finish_reason)
                         break
+                else:
+                    self._free_unused(req, flight.step, len(tokens))
             elif req.status is Status.WAITING:
                 self.waiting.touch()
                 continue

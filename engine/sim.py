@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import selectors
+from bisect import bisect_left
+from dataclasses import replace
+from itertools import accumulate
 from functools import singledispatch
 from typing import Awaitable, Sequence, TypeVar
 
@@ -46,7 +49,10 @@ class VirtualClockLoop(asyncio.SelectorEventLoop):
         return self._now
 
     def advance(self, seconds: float) -> None:
-        self._now += seconds
+        """Jump to the earliest timer exactly (adding `seconds` could stop a rounding error
+        short of it, and the loop would spin there)."""
+        due = self._scheduled[0].when() if self._scheduled else self._now + seconds
+        self._now = max(self._now + seconds, due) if due - self._now <= seconds else self._now + seconds
 
 
 def run_virtual(main: Awaitable[T]) -> T:
@@ -124,21 +130,46 @@ class SyntheticPrompt(Sequence[int]):
 
 class SimBackend:
     """Stands where `WorkerGroup` stands: `run(step)` sleeps the predicted step time on the
-    loop's clock and returns a token for every request the step samples."""
+    loop's clock and returns a token for every request the step samples.
+
+    A multi-step decode round ends early, after the iteration in progress, when `new_work()`
+    reports a new request: multi-step decode saves the simulator scheduling rounds without
+    holding a new request back for the rest of a round."""
 
     def __init__(self, kv_slots: list[int], cost: CostModel) -> None:
         self.kv_slots, self.cost = kv_slots, cost
         self.dead: str | None = None
+        self._arrival = asyncio.Event()
 
     async def start(self) -> None:
         return None
 
+    def new_work(self) -> None:
+        self._arrival.set()
+        self._arrival = asyncio.Event()
+
     async def run(self, step: Step) -> StepResult:
+        if isinstance(step, DecodeBatch) and step.steps > 1:
+            return await self._round(step)
         seconds = step_time(step, self.cost)
         await asyncio.sleep(seconds)
-        steps = getattr(step, "steps", 1)
-        token = SIM_TOKEN if steps == 1 else [SIM_TOKEN] * steps
-        return StepResult(step.step_id, dict.fromkeys(sampled_ids(step), token), seconds, 0.0)
+        return StepResult(step.step_id, dict.fromkeys(sampled_ids(step), SIM_TOKEN), seconds, 0.0)
+
+    async def _round(self, step: DecodeBatch) -> StepResult:
+        one = replace(step, steps=1)
+        ends = list(accumulate(step_time(replace(one, seqs=tuple(replace(s, position=s.position + k)
+                                                                   for s in step.seqs)), self.cost)
+                               for k in range(step.steps)))
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        try:
+            await asyncio.wait_for(self._arrival.wait(), timeout=ends[-1])
+        except asyncio.TimeoutError:
+            done = step.steps
+        else:
+            done = bisect_left(ends, loop.time() - start) + 1
+            await asyncio.sleep(max(0.0, start + ends[done - 1] - loop.time()))
+        return StepResult(step.step_id, dict.fromkeys(sampled_ids(step), [SIM_TOKEN] * done), ends[done - 1], 0.0)
 
     def release(self, rank: int, request_ids: tuple[int, ...]) -> None:
         return None

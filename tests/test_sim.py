@@ -65,3 +65,12 @@ def test_multi_step_decode_delivers_the_same_end_time_in_one_round(profile):
 def test_replays_are_deterministic(profile):
     arrivals = [(0.1 * i, 5 + 7 * i, 1 + i % 4) for i in range(12)]
     assert run(profile, arrivals, policy="loong") == run(profile, arrivals, policy="loong")
+
+
+def test_a_new_request_ends_a_multi_step_round_after_the_iteration_in_progress(profile):
+    a, b = run(profile, [(0.0, 10, 9), (4.0, 10, 1)], decode_steps=8)
+    # a's round starts at 3.0 (iterations end 0.71, 1.43, ... later); b arrives at 4.0, inside the
+    # second iteration, so the round stops at 4.43 with two tokens. b's prefill runs first
+    # (3.0 s, to 7.43); then a's last six tokens come in one round: 0.73 + ... + 0.78 = 4.53.
+    assert a[2] == pytest.approx([3.0, 4.43, 4.43] + [11.96] * 6)
+    assert b[2] == pytest.approx([7.43]) and b[0] == pytest.approx(3.43)
