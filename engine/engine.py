@@ -13,7 +13,6 @@ from typing import AsyncIterator
 
 from esp.engine.backend import BackendError, WorkerGroup
 from esp.engine.config import EngineConfig
-from esp.engine.kv_pool import KVPool
 from esp.engine.model_config import ModelConfig
 from esp.engine.outputs import RequestOutput
 from esp.engine.protocol import MigrateKV, PrefillBatch, Step
@@ -22,8 +21,7 @@ from esp.engine.sampling_params import SamplingParams
 from esp.engine.scheduler import Scheduler
 from esp.engine.sim import SimBackend, SimTokenizer, SyntheticPrompt
 from esp.engine.tokenizer import Tokenizer
-from esp.engine.worker import WorkerSpec
-from esp.engine.backend import free_port
+from esp.engine.instances import dtype_of, worker_specs
 from esp.policies import PolicyOptions, PolicySet, load_policy_set
 from esp.policies.cost_model import CostModel
 from esp.policies.presets import load_profile
@@ -101,12 +99,7 @@ class Engine:
     async def _start_workers(self) -> None:
         loop = asyncio.get_running_loop()
         self.tokenizer = await loop.run_in_executor(None, Tokenizer.from_dir, self.config.model_dir)
-        init = f"tcp://127.0.0.1:{free_port()}"
-        slots = self.config.kv_tokens_per_instance or (self._auto_kv_slots() if self.config.device == "cpu" else None)
-        specs = [WorkerSpec(rank, self.config.instances, str(self.config.model_dir),
-                            self.config.instance_device(rank), self.config.dtype, slots,
-                            self.config.threads, init) for rank in range(self.config.instances)]
-        self.backend = WorkerGroup(specs)
+        self.backend = WorkerGroup(worker_specs(self.config, self.model_config))
         await self.backend.start()
 
     async def _start_sim(self) -> None:
@@ -273,33 +266,7 @@ class Engine:
         return CostModel.roofline(
             num_layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, heads=cfg.num_attention_heads,
             kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, intermediate=cfg.intermediate_size,
-            vocab=cfg.vocab_size, dtype_bytes=_dtype_of(self.config.dtype, self.config.device).itemsize,
+            vocab=cfg.vocab_size, dtype_bytes=dtype_of(self.config.dtype, self.config.device).itemsize,
             flops_per_s=989e12 if cuda else 20e9 * self.config.threads,
             mem_bytes_per_s=3.35e12 if cuda else 10e9, link_bytes_per_s=450e9 if cuda else 5e9,
             max_dop=self.config.instances, name="roofline-cuda" if cuda else "roofline-cpu")
-
-    def _auto_kv_slots(self) -> int:
-        """On CPU: 30% of available memory split over the instances, at most 4x the context."""
-        cfg = self.model_config
-        per_slot = KVPool.bytes_per_slot(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
-                                         _dtype_of(self.config.dtype))
-        budget = _available_memory() * 0.3 / self.config.instances
-        return max(1024, min(int(budget // per_slot), 4 * cfg.max_position_embeddings))
-
-
-def _dtype_of(name: str, device: str = "cpu"):
-    import torch
-    if name == "auto":
-        name = "bfloat16" if device == "cuda" else "float32"
-    return {"float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
-
-
-def _available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30

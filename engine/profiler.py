@@ -16,11 +16,11 @@ import time
 from dataclasses import dataclass
 
 from esp.engine import protocol as msg
-from esp.engine.backend import WorkerGroup, free_port
+from esp.engine.backend import WorkerGroup
+from esp.engine.instances import kv_bytes_per_token, worker_specs
 from esp.engine.config import EngineConfig
 from esp.engine.model_config import ModelConfig
 from esp.engine.sampling_params import SamplingParams
-from esp.engine.worker import WorkerSpec
 from esp.policies import cost_fit as fit
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -67,31 +67,14 @@ class Profiler:
         self._rng = random.Random(0)
 
     async def start(self) -> None:
-        cfg = self.config
-        slots = cfg.kv_tokens_per_instance or (self._auto_slots() if cfg.device == "cpu" else None)
-        init = f"tcp://127.0.0.1:{free_port()}"
-        specs = [WorkerSpec(rank, cfg.instances, str(cfg.model_dir), cfg.instance_device(rank), cfg.dtype,
-                            slots, cfg.threads, init) for rank in range(cfg.instances)]
-        self.group = WorkerGroup(specs)
+        self.group = WorkerGroup(worker_specs(self.config, self.model_config))
         await self.group.start()
         self.pool = min(self.group.kv_slots)
         cap = min(8192, self.pool, self.model_config.max_position_embeddings)
         self.max_len = min(self.options.max_len or (1024 if self.options.quick else cap), cap)
 
-    def _auto_slots(self) -> int:
-        """As the engine sizes CPU pools: 30% of available memory over the instances, at most 4x the context."""
-        with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-        budget = int(avail * 0.3 / self.config.instances) // self.kv_bytes_per_token()
-        return max(1024, min(budget, 4 * self.model_config.max_position_embeddings))
-
     def kv_bytes_per_token(self) -> int:
-        import torch
-        from esp.engine.kv_pool import KVPool
-        c, name = self.model_config, self.config.dtype
-        if name == "auto":
-            name = "bfloat16" if self.config.device == "cuda" else "float32"
-        return KVPool.bytes_per_slot(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, getattr(torch, name))
+        return kv_bytes_per_token(self.config, self.model_config)
 
     def alloc(self, rank: int, n: int, rid: int) -> list[int]:
         start = self._next[rank]

@@ -291,10 +291,10 @@ class Scheduler:
                                   tuple(req.placement), self._sample_spec(req), tuple(more)))
         return tuple(seqs)
 
-    def _free_unused(self, req: Request, step: Step, produced: int) -> None:
+    def _free_unused(self, req: Request, step: DecodeBatch, produced: int) -> None:
         """A multi-step round that ended early (the simulator's, on a new arrival) leaves the
         slots of its unrun iterations at the end of the master's placement: free them."""
-        surplus = getattr(step, "steps", 1) - produced
+        surplus = step.steps - produced
         if surplus <= 0:
             return
         master = next(s.master for s in step.seqs if s.request_id == req.id)
@@ -384,7 +384,8 @@ class Scheduler:
                         self._finish(req, req.finish_reason)
                         break
                 else:
-                    self._free_unused(req, flight.step, len(tokens))
+                    if isinstance(flight.step, DecodeBatch):
+                        self._free_unused(req, flight.step, len(tokens))
             elif req.status is Status.WAITING:
                 self.waiting.touch()
                 continue

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import selectors
 from bisect import bisect_left
-from dataclasses import replace
 from itertools import accumulate
 from functools import singledispatch
 from typing import Awaitable, Sequence, TypeVar
@@ -79,10 +78,16 @@ def _(step: PrefillBatch, cost: CostModel) -> float:
     return cost.prefill_time([len(s.token_ids) for s in step.seqs], len(step.group))
 
 
+def iteration_times(step: DecodeBatch, cost: CostModel) -> list[float]:
+    """Predicted time of each iteration of a (multi-step) decode batch; the KV grows by one
+    token per request per iteration."""
+    batch, kv = len(step.seqs), sum(s.position + 1 for s in step.seqs)
+    return [cost.decode_time(batch, kv + k * batch, len(step.group)) for k in range(step.steps)]
+
+
 @step_time.register
 def _(step: DecodeBatch, cost: CostModel) -> float:
-    batch, kv = len(step.seqs), sum(s.position + 1 for s in step.seqs)
-    return sum(cost.decode_time(batch, kv + k * batch, len(step.group)) for k in range(step.steps))
+    return sum(iteration_times(step, cost))
 
 
 @step_time.register
@@ -156,10 +161,7 @@ class SimBackend:
         return StepResult(step.step_id, dict.fromkeys(sampled_ids(step), SIM_TOKEN), seconds, 0.0)
 
     async def _round(self, step: DecodeBatch) -> StepResult:
-        one = replace(step, steps=1)
-        ends = list(accumulate(step_time(replace(one, seqs=tuple(replace(s, position=s.position + k)
-                                                                   for s in step.seqs)), self.cost)
-                               for k in range(step.steps)))
+        ends = list(accumulate(iteration_times(step, self.cost)))
         loop = asyncio.get_running_loop()
         start = loop.time()
         try:

@@ -9,35 +9,15 @@ import pytest
 
 from esp.engine import EngineConfig, SamplingParams
 from esp.engine.engine import Engine
-from esp.engine.protocol import DecodeBatch, PrefillBatch
+from esp.engine.protocol import PrefillBatch
 from esp.engine.scheduler import Scheduler
 from esp.policies import Batch, Dispatch, PolicyOptions, load_policy_set
 from esp.policies.chunked import ChunkedBatching, ChunkedScheduling
-from tests.test_scheduler import make_request
+from tests.test_scheduler import make_request, run_until_idle, sampled_by
 
 
 def chunked(chunk: int, max_batch: int = 256):
     return load_policy_set("chunked", PolicyOptions(max_batch_size=max_batch, extra={"chunk_size": chunk}))
-
-
-def sampled_by(step, token=5) -> dict[int, int]:
-    """What the instance returns: a token for each finished prompt and each decode seq."""
-    seqs = step.seqs if isinstance(step, DecodeBatch) else [s for s in step.seqs if s.sample] + list(step.decode)
-    return {s.request_id: token for s in seqs}
-
-
-def drive(s: Scheduler, limit=500):
-    steps = []
-    for _ in range(limit):
-        new, failed = s.schedule()
-        assert not failed
-        if not new:
-            assert not s.in_flight
-            return steps
-        for step in new:
-            steps.append(step)
-            s.complete(step.step_id, sampled_by(step))
-    raise AssertionError("scheduler did not go idle")
 
 
 def test_a_long_prompt_runs_in_budget_sized_chunks_with_decodes_riding_along():
@@ -47,7 +27,7 @@ def test_a_long_prompt_runs_in_budget_sized_chunks_with_decodes_riding_along():
     first, _ = s.schedule()
     s.complete(first[0].step_id, sampled_by(first[0]))
     s.add(long_)
-    steps = drive(s)
+    steps = run_until_idle(s)
     mixed = [st for st in steps if isinstance(st, PrefillBatch)]
     # 16 tokens per step: one for the short request's decode, 15 of the prompt: 15 + 15 + 10.
     assert [[(q.start, len(q.token_ids)) for q in st.seqs] for st in mixed] == [[(0, 15)], [(15, 15)], [(30, 10)]]

@@ -31,6 +31,13 @@ def make_request(rid: int, prompt_len: int, max_tokens: int = 4, **kw) -> Reques
                    eos_ids=frozenset({EOS}), detokenizer=CharDetokenizer())
 
 
+def sampled_by(step, token=5) -> dict[int, int]:
+    """What the instances return: a token for each finished prompt and each decode seq."""
+    if isinstance(step, DecodeBatch):
+        return {seq.request_id: token for seq in step.seqs}
+    return {seq.request_id: token for seq in [q for q in step.seqs if q.sample] + list(step.decode)}
+
+
 def run_until_idle(s: Scheduler, token=5, limit=1000):
     """Drive schedule -> complete with every request sampling `token`; returns the steps."""
     seen = []
@@ -42,7 +49,7 @@ def run_until_idle(s: Scheduler, token=5, limit=1000):
             return seen
         for step in steps:
             seen.append(step)
-            s.complete(step.step_id, {seq.request_id: token for seq in step.seqs})
+            s.complete(step.step_id, sampled_by(step, token))
     raise AssertionError("scheduler did not go idle")
 
 
@@ -252,12 +259,18 @@ def test_two_decode_batches_on_disjoint_instances_in_one_schedule():
     assert a.finish_reason == b.finish_reason == "length" and s.free_slots() == [32, 32]
 
 
-def test_multi_step_decode_is_bounded_by_tokens_left_and_free_slots():
-    s = Scheduler(loong(), [20], decode_steps=4)
-    req = make_request(1, 10, max_tokens=7)
+def prefilled(pools: list[int], prompt_len: int, max_tokens: int, decode_steps: int = 4):
+    """A loong scheduler whose one request has finished its prefill (first token 5)."""
+    s = Scheduler(loong(), pools, decode_steps=decode_steps)
+    req = make_request(1, prompt_len, max_tokens=max_tokens)
     s.add(req)
     steps, _ = s.schedule()
     s.complete(steps[0].step_id, {1: 5})
+    return s, req
+
+
+def test_multi_step_decode_is_bounded_by_tokens_left_and_free_slots():
+    s, req = prefilled([20], prompt_len=10, max_tokens=7)
     rounds = []
     while s.requests:
         (step,), _ = s.schedule()
@@ -266,20 +279,13 @@ def test_multi_step_decode_is_bounded_by_tokens_left_and_free_slots():
         s.complete(step.step_id, {1: [5] * step.steps})
     # 6 tokens left after the prefill's first: 4 then 2; the pool (20) never binds.
     assert rounds == [4, 2] and req.output_ids == [5] * 7 and s.free_slots() == [20]
-    tight = Scheduler(loong(), [13], decode_steps=4)
-    tight.add(make_request(2, 10, max_tokens=7))
-    steps, _ = tight.schedule()
-    tight.complete(steps[0].step_id, {2: 5})
+    tight, _ = prefilled([13], prompt_len=10, max_tokens=7)
     (step,), _ = tight.schedule()
     assert step.steps == 3  # 13 slots - 10 prompt = 3 free
 
 
 def test_multi_step_tokens_after_eos_are_dropped_and_slots_freed():
-    s = Scheduler(loong(), [40], decode_steps=4)
-    req = make_request(1, 10, max_tokens=9)
-    s.add(req)
-    steps, _ = s.schedule()
-    s.complete(steps[0].step_id, {1: 5})
+    s, req = prefilled([40], prompt_len=10, max_tokens=9)
     (step,), _ = s.schedule()
     s.complete(step.step_id, {1: [6, EOS, 7, 8]})
     assert req.output_ids == [5, 6, EOS] and req.finish_reason == "stop"

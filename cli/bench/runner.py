@@ -142,7 +142,7 @@ def _slo(args: argparse.Namespace, cost) -> SLO:
 
 
 async def _run_one(args, label: str, rate: float | None, workload, vocab: int, send: Sender, slo: SLO) -> dict:
-    if getattr(args, "backend", None) == "sim" and not getattr(args, "url", None):
+    if args.backend == "sim" and not args.url:
         from esp.engine.sim import SyntheticPrompt
         prompts = [SyntheticPrompt(r.input_len) for r in workload]
     else:
