@@ -7,6 +7,14 @@ from importlib.resources import files
 from pathlib import Path
 
 
+def dtype_of(name: str, device: str = "cpu"):
+    """The torch dtype of `--dtype` on a device (auto: bfloat16 on CUDA, float32 on CPU)."""
+    import torch
+    if name == "auto":
+        name = "bfloat16" if device == "cuda" else "float32"
+    return {"float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
+
+
 def bundled_model_dir() -> Path:
     """The `esp-tiny` checkpoint shipped inside the package."""
     return Path(str(files("esp.engine") / "models" / "esp-tiny"))
@@ -19,7 +27,11 @@ class EngineConfig:
     `backend="sim"` replaces the worker processes by the simulator (`esp.engine.sim`); `profile`
     names the cost model (a preset or a JSON file) that policies read and the simulator runs on.
     `decode_steps`: decode iterations per scheduling round (default 1; 8 under the simulator,
-    where per-round Python overhead would otherwise dominate a 10,000-request replay)."""
+    where per-round Python overhead would otherwise dominate a 10,000-request replay).
+    `max_waiting_requests` / `max_waiting_tokens` bound the waiting queue (a full queue refuses
+    new requests with `Overloaded`): None means unbounded requests, and for tokens 4x the
+    cluster's KV slots. `max_restarts`: attempts to restart failed workers before the engine is
+    down. `log_requests`: one INFO line per finished request on the `esp.requests` logger."""
 
     model: str | None = None
     instances: int = 1
@@ -37,6 +49,10 @@ class EngineConfig:
     backend: str = "real"
     profile: str | None = None
     decode_steps: int | None = None
+    max_waiting_requests: int | None = 512
+    max_waiting_tokens: int | None = None
+    max_restarts: int = 3
+    log_requests: bool = True
 
     def __post_init__(self) -> None:
         if self.instances < 1:
@@ -53,6 +69,12 @@ class EngineConfig:
             raise ValueError("decode-steps must be positive")
         if self.threads_per_instance is not None and self.threads_per_instance < 1:
             raise ValueError("threads-per-instance must be positive")
+        for name in ("max_waiting_requests", "max_waiting_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be positive")
+        if self.max_restarts < 0:
+            raise ValueError("max-restarts must be at least 0")
 
     @property
     def scheduler_decode_steps(self) -> int:

@@ -6,22 +6,24 @@ import asyncio
 import itertools
 import logging
 import random
+import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from esp.engine.backend import BackendError, WorkerGroup
-from esp.engine.config import EngineConfig
+from esp.engine.admission import EncodedPrompt, Limits, check_fits, check_queue
+from esp.engine.backend import Backend, BackendError, create_backend
+from esp.engine.config import EngineConfig, dtype_of
+from esp.engine.errors import EngineStartError, EngineUnavailable, InvalidRequest, Overloaded
 from esp.engine.model_config import ModelConfig
 from esp.engine.outputs import RequestOutput
 from esp.engine.protocol import MigrateKV, PrefillBatch, Step
 from esp.engine.request import Request
 from esp.engine.sampling_params import SamplingParams
 from esp.engine.scheduler import Scheduler
-from esp.engine.sim import SimBackend, SimTokenizer, SyntheticPrompt
-from esp.engine.tokenizer import Tokenizer
-from esp.engine.instances import dtype_of, worker_specs
+from esp.engine.sim import SyntheticPrompt
+from esp.engine.status import EngineStats, Health
 from esp.policies import PolicyOptions, PolicySet, load_policy_set
 from esp.policies.cost_model import CostModel
 from esp.policies.presets import load_profile
@@ -50,10 +52,16 @@ class StepStat:
             kind, tokens = "decode", len(step.seqs)
         return cls(kind, step.group, tokens, result.compute_s, result.comm_s, wall_s)
 _LONG_TEXT = 8192
+_MAX_STEP_FAILURES = 2
+requests_log = logging.getLogger("esp.requests")
 
 
 class Engine:
-    """Use as `async with Engine(config) as engine:`; then `async for out in engine.generate(...)`."""
+    """Use as `async with Engine(config) as engine:`; then `async for out in engine.generate(...)`.
+
+    States (`health()`): starting -> ok; ok -> recovering -> ok when a worker fails (running
+    requests are recomputed from their prompt plus the tokens they already streamed); -> down
+    when restarts keep failing; -> draining on `drain()` (shutdown)."""
 
     def __init__(self, config: EngineConfig, policies: PolicySet | None = None) -> None:
         """`policies` overrides the bundle named in `config` (for tests and embedding)."""
@@ -62,16 +70,23 @@ class Engine:
         self.policies = policies or load_policy_set(
             config.policy, PolicyOptions(config.max_prefill_tokens, config.max_batch_size, config.policy_options),
             scheduling=config.scheduling, batching=config.batching, scaling=config.scaling)
-        self.tokenizer: Tokenizer | None = None
-        self.backend: WorkerGroup | SimBackend | None = None
+        self.tokenizer = None
+        self.backend: Backend | None = None
         self.cost_model: CostModel | None = None
         self.scheduler: Scheduler | None = None
+        self.limits: Limits | None = None
         self._queues: dict[int, asyncio.Queue] = {}
         self._ids: dict[str, int] = {}
         self._counter = itertools.count(1)
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None
+        self._recovery: asyncio.Task | None = None
+        self._state, self._detail = "starting", None
+        self._since = 0.0
+        self._start_s = 30.0
+        self._counts = {"restarts": 0, "overloaded": 0}
+        self._schedule_s = 0.0
         self.step_stats: deque[StepStat] = deque(maxlen=10000)
 
     @property
@@ -79,49 +94,91 @@ class Engine:
         return self.config.model_dir.name
 
     @property
+    def started(self) -> bool:
+        return self.scheduler is not None
+
+    @property
     def max_model_len(self) -> int:
-        if self.config.backend == "sim":
-            return int(self.cost_model.meta.get("max_context") or self.model_config.max_position_embeddings)
-        return self.model_config.max_position_embeddings
+        """The longest prompt plus output a request may have: the context, or the KV of every
+        instance together when that is smaller."""
+        if self.limits is None:
+            return self.model_config.max_position_embeddings
+        return self.limits.max_model_len
 
     async def start(self) -> Engine:
-        self.cost_model = load_profile(self.config.profile) if self.config.profile else self.default_cost_model()
-        if self.config.backend == "sim":
-            await self._start_sim()
-        else:
-            await self._start_workers()
+        """Load the model on the workers; raises `EngineStartError` with one line saying what to do."""
         loop = asyncio.get_running_loop()
-        self.scheduler = Scheduler(self.policies, self.backend.kv_slots, clock=loop.time, cost_model=self.cost_model,
+        t0 = loop.time()
+        self._check_device()
+        self.cost_model = load_profile(self.config.profile) if self.config.profile else self.default_cost_model()
+        self._log_plan()
+        self.backend = create_backend(self.config, self.model_config, self.cost_model)
+        try:
+            await self.backend.start()
+        except BackendError as err:
+            raise EngineStartError(f"the workers failed to start: {err}") from None
+        self.backend.on_failure = self._on_backend_failure
+        self.tokenizer = self.backend.tokenizer
+        slots = list(self.backend.kv_slots)
+        waiting_tokens = self.config.max_waiting_tokens or 4 * sum(slots)
+        self.limits = Limits(self.backend.max_model_len, sum(slots), self.config.max_waiting_requests, waiting_tokens)
+        self.scheduler = Scheduler(self.policies, slots, clock=loop.time, cost_model=self.cost_model,
                                    decode_steps=self.config.scheduler_decode_steps)
+        self._start_s = loop.time() - t0
+        self._state = "ok"
+        log.info("ready in %.1f s: KV slots per instance %s, max model length %d tokens, policy %s",
+                 self._start_s, slots, self.max_model_len, self.policies.name)
         self._loop_task = asyncio.create_task(self._run(), name="esp-engine-loop")
         return self
 
-    async def _start_workers(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.tokenizer = await loop.run_in_executor(None, Tokenizer.from_dir, self.config.model_dir)
-        self.backend = WorkerGroup(worker_specs(self.config, self.model_config))
-        await self.backend.start()
+    def _check_device(self) -> None:
+        if self.config.device == "cuda" and self.config.backend == "real":
+            import torch
+            if not torch.cuda.is_available():
+                raise EngineStartError(
+                    f"--device cuda, but this torch ({torch.__version__}) cannot use CUDA: install a CUDA build "
+                    f"of torch into this environment (pip install torch from your CUDA wheel index) or use --device cpu")
+            if torch.cuda.device_count() < self.config.instances:
+                raise EngineStartError(f"--instances {self.config.instances} needs as many GPUs, but "
+                                       f"{torch.cuda.device_count()} are visible")
 
-    async def _start_sim(self) -> None:
-        slots = self.config.kv_tokens_per_instance or self.cost_model.meta.get("kv_tokens_per_instance")
-        if not slots:
-            raise ValueError(f"the sim backend needs --kv-tokens-per-instance: profile {self.cost_model.name} "
-                             f"does not give the instances' KV capacity")
-        self.tokenizer = SimTokenizer()
-        self.backend = SimBackend([int(slots)] * self.config.instances, self.cost_model)
-        await self.backend.start()
+    def _log_plan(self) -> None:
+        c, m = self.config, self.model_config
+        log.info("model %s: %d layers, hidden %d, vocabulary %d, context %d tokens", c.model_dir,
+                 m.num_hidden_layers, m.hidden_size, m.vocab_size, m.max_position_embeddings)
+        log.info("backend %s on %s: %d instance(s) x %d thread(s), dtype %s, KV slots per instance %s",
+                 c.backend, c.device, c.instances, c.threads, dtype_of(c.dtype, c.device),
+                 c.kv_tokens_per_instance or "from free memory")
 
     async def stop(self) -> None:
-        if self._loop_task:
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
-        if self.scheduler:
-            for rid in list(self.scheduler.requests):
-                req = self.scheduler.requests[rid]
-                req.finish("abort", "engine stopped")
-                self._deliver([req])
+        for task in (self._recovery, self._loop_task):
+            if task:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._end_all("abort", "engine stopped")
         if self.backend:
             await self.backend.shutdown()
+        self._state, self._detail = "down", "engine stopped"
+
+    async def drain(self, timeout_s: float) -> int:
+        """Refuse new requests, let running ones finish for up to `timeout_s`, then abort the rest
+        (their streams end with finish_reason "abort"). Returns how many were aborted."""
+        if self._state != "down":
+            self._state, self._detail = "draining", "the server is shutting down"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.scheduler and self.scheduler.requests and loop.time() < deadline:
+            await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
+        return self._end_all("abort", "the server is shutting down")
+
+    def _end_all(self, reason: str, detail: str) -> int:
+        if not self.scheduler:
+            return 0
+        ended = [self.scheduler.end(rid, reason, detail if reason == "error" else None)
+                 for rid in list(self.scheduler.requests)]
+        self._deliver(ended)
+        self._flush_releases()
+        return len(ended)
 
     async def __aenter__(self) -> Engine:
         return await self.start()
@@ -129,22 +186,36 @@ class Engine:
     async def __aexit__(self, *exc) -> None:
         await self.stop()
 
+    def health(self) -> Health:
+        if self._state == "starting":
+            return Health("starting", "the engine is loading the model", self._start_s)
+        if self._state == "recovering":
+            left = self._start_s + 5.0 - (asyncio.get_running_loop().time() - self._since)
+            return Health("recovering", self._detail, max(1.0, left))
+        return Health(self._state, self._detail)
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        if s is None:
+            return EngineStats(0, 0, 0, (), (), 0, 0, 0, 0.0)
+        waiting = len(s.waiting)
+        return EngineStats(len(s.requests) - waiting, waiting, sum(len(r.all_ids) for r in s.waiting),
+                           tuple(a.num_slots for a in s.allocators), tuple(a.num_free for a in s.allocators),
+                           self._counts["restarts"], s.recomputed_total, self._counts["overloaded"],
+                           self._schedule_s)
+
     # -- requests -----------------------------------------------------------------------
-    async def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+    async def generate(self, prompt: str | list[int] | EncodedPrompt, params: SamplingParams | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream outputs until the request finishes. Raises ValueError for bad input; closing
-        the iterator early aborts the request."""
+        """Stream outputs until the request finishes. The first step raises `InvalidRequest`,
+        `Overloaded` or `EngineUnavailable`; closing the iterator early aborts the request."""
         params = params or SamplingParams()
-        ids = await self.encode(prompt)
-        req = self._make_request(ids, params, request_id)
+        ids = prompt.ids if isinstance(prompt, EncodedPrompt) else (await self.encode(prompt)).ids
+        req = self._admit(ids, params, request_id)
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[req.id] = queue
         self._ids[req.external_id] = req.id
-        try:
-            self.scheduler.add(req)
-        except ValueError:
-            self._forget(req)
-            raise
+        self.scheduler.add(req)
         self.backend.new_work()
         self._wake.set()
         try:
@@ -158,22 +229,31 @@ class Engine:
                 self.abort(req.external_id)
             self._forget(req)
 
-    async def encode(self, prompt: str | list[int]) -> list[int]:
-        """Token ids of a prompt (the simulator also takes a `SyntheticPrompt`: a length only)."""
+    async def encode(self, prompt: str | list[int]) -> EncodedPrompt:
+        """Checked token ids of a prompt (a `SyntheticPrompt` is taken as it is: a length only)."""
         if isinstance(prompt, str):
             if not prompt:
-                raise ValueError("prompt is empty")
+                raise InvalidRequest("prompt is empty", "prompt")
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise InvalidRequest(f"prompt is not valid Unicode (a lone surrogate at index {err.start})",
+                                     "prompt") from None
+            if self.tokenizer is None:
+                raise self._unavailable()
             if len(prompt) > _LONG_TEXT:
-                return await asyncio.get_running_loop().run_in_executor(None, self.tokenizer.encode, prompt)
-            return self.tokenizer.encode(prompt)
-        if isinstance(prompt, SyntheticPrompt) and self.config.backend == "sim":
-            return prompt
+                ids = await asyncio.get_running_loop().run_in_executor(None, self.tokenizer.encode, prompt)
+            else:
+                ids = self.tokenizer.encode(prompt)
+            return EncodedPrompt(ids)
+        if isinstance(prompt, SyntheticPrompt):
+            return EncodedPrompt(prompt)
         if not isinstance(prompt, list) or not prompt:
-            raise ValueError("prompt must be a non-empty string or a non-empty list of token ids")
+            raise InvalidRequest("prompt must be a non-empty string or a non-empty list of token ids", "prompt")
         vocab = self.model_config.vocab_size
         if set(map(type, prompt)) != {int} or min(prompt) < 0 or max(prompt) >= vocab:
-            raise ValueError(f"token ids must be integers in [0, {vocab})")
-        return list(prompt)
+            raise InvalidRequest(f"token ids must be integers in [0, {vocab})", "prompt")
+        return EncodedPrompt(list(prompt))
 
     def abort(self, request_id: str) -> bool:
         rid = self._ids.get(request_id)
@@ -186,18 +266,24 @@ class Engine:
         self._wake.set()
         return True
 
-    def _make_request(self, ids: list[int], params: SamplingParams, request_id: str | None) -> Request:
-        if self.backend is None or self.scheduler is None:
-            raise RuntimeError("engine is not started")
-        if self.backend.dead:
-            raise RuntimeError(f"engine backend is down: {self.backend.dead}")
-        limit = self.max_model_len
-        if len(ids) + params.max_tokens > limit:
-            raise ValueError(f"this model's maximum context length is {limit} tokens, but {len(ids)} prompt "
-                             f"tokens plus max_tokens={params.max_tokens} were requested")
+    def _unavailable(self) -> EngineUnavailable:
+        h = self.health()
+        return EngineUnavailable(f"the engine is {h.status}" + (f": {h.detail}" if h.detail else ""), h.retry_after)
+
+    def _admit(self, ids, params: SamplingParams, request_id: str | None) -> Request:
+        if self._state not in ("ok", "recovering"):
+            raise self._unavailable()
+        check_fits(self.limits, len(ids), params)
         external = request_id or f"cmpl-{uuid.uuid4().hex}"
         if external in self._ids:
-            raise ValueError(f"request id {external!r} is already in use")
+            raise InvalidRequest(f"request id {external!r} is already in use")
+        if self.limits.waiting_requests is not None or self.limits.waiting_tokens is not None:
+            try:
+                check_queue(self.limits, [len(r.all_ids) for r in self.scheduler.waiting], len(ids),
+                            self.cost_model, self.config.instances)
+            except Overloaded:
+                self._counts["overloaded"] += 1
+                raise
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         return Request(next(self._counter), external, ids, params, seed, self.tokenizer.eos_token_ids,
                        self.tokenizer.detokenizer(ids), clock=asyncio.get_running_loop().time)
@@ -212,21 +298,22 @@ class Engine:
             await self._loop()
         except Exception as err:  # a bug in the control plane: tell every request, refuse new ones
             log.exception("engine loop failed")
-            self.backend.dead = f"engine loop failed: {type(err).__name__}: {err}"
-            for req in list(self.scheduler.requests.values()):
-                req.finish("error", self.backend.dead)
-                self._deliver([req])
+            self._state, self._detail = "down", f"engine loop failed: {type(err).__name__}: {err}"
+            self._end_all("error", self._detail)
             raise
 
     async def _loop(self) -> None:
         while True:
-            steps, failed = self.scheduler.schedule()
-            self._deliver(failed)
-            self._flush_releases()
-            for step in steps:
-                task = asyncio.create_task(self._execute(step))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+            if self._state != "recovering":
+                t0 = time.perf_counter()
+                steps, failed = self.scheduler.schedule()
+                self._schedule_s += time.perf_counter() - t0
+                self._deliver(failed)
+                self._flush_releases()
+                for step in steps:
+                    task = asyncio.create_task(self._execute(step))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
             await self._wake.wait()
             self._wake.clear()
 
@@ -236,23 +323,65 @@ class Engine:
         try:
             result = await self.backend.run(step)
             self.step_stats.append(StepStat.of(step, result, clock() - t0))
-            touched = self.scheduler.complete(step.step_id, result.sampled)
+            touched = self.scheduler.complete(step.step_id, result.sampled, result.failed)
         except BackendError as err:
             log.error("step %d on %s failed: %s", step.step_id, step.group, err)
-            touched = self.scheduler.fail(step.step_id, str(err))
+            touched = self.scheduler.fail(step.step_id, str(err), _MAX_STEP_FAILURES)
         except Exception as err:  # a bug: the step's requests end with it, the engine goes on
             log.exception("step %d on %s failed", step.step_id, step.group)
-            touched = self.scheduler.fail(step.step_id, f"internal error: {type(err).__name__}: {err}") \
+            touched = self.scheduler.fail(step.step_id, f"internal error: {type(err).__name__}: {err}", 1) \
                 if step.step_id in self.scheduler.in_flight else []
         self._deliver(touched)
         self._flush_releases()
         self._wake.set()
 
+    # -- recovery -----------------------------------------------------------------------
+    def _on_backend_failure(self, reason: str) -> None:
+        if self._state in ("ok", "draining") and self._recovery is None:
+            self._recovery = asyncio.create_task(self._recover(reason), name="esp-engine-recovery")
+
+    async def _recover(self, reason: str) -> None:
+        """Wait for the failed steps to come back, restart the workers, recompute every request."""
+        draining = self._state == "draining"
+        self._state, self._detail = "recovering", f"restarting the workers after: {reason}"
+        self._since = asyncio.get_running_loop().time()
+        log.error("backend failed (%s); restarting the workers", reason)
+        try:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            for attempt in range(1, self.config.max_restarts + 1):
+                try:
+                    await self.backend.restart()
+                    break
+                except BackendError as err:
+                    log.error("restart %d of %d failed: %s", attempt, self.config.max_restarts, err)
+                    await asyncio.sleep(min(8.0, 0.5 * 2 ** attempt))
+            else:
+                self._state, self._detail = "down", f"the workers could not be restarted after: {reason}"
+                self._end_all("error", self._detail)
+                return
+            self.scheduler.reset(list(self.backend.kv_slots))
+            self._counts["restarts"] += 1
+            self._state, self._detail = ("draining", "the server is shutting down") if draining else ("ok", None)
+            log.info("workers restarted in %.1f s; %d request(s) to recompute",
+                     asyncio.get_running_loop().time() - self._since, len(self.scheduler.requests))
+        finally:
+            self._recovery = None
+            self._wake.set()
+
     def _deliver(self, requests: list[Request]) -> None:
         for req in requests:
+            if req.final_delivered:
+                continue
             queue = self._queues.get(req.id)
+            out = req.take_output()
             if queue is not None:
-                queue.put_nowait(req.take_output())
+                queue.put_nowait(out)
+            if out.finished and self.config.log_requests:
+                t = out.timing
+                requests_log.info("%s prompt=%d output=%d ttft=%s e2e=%s prefill_group=%s finish=%s%s",
+                                  req.external_id, out.prompt_tokens, out.completion_tokens, _secs(t.ttft_s),
+                                  _secs(t.e2e_s), (out.esp or {}).get("prefill_group"), out.finish_reason,
+                                  f" error={out.error!r}" if out.error else "")
 
     def _flush_releases(self) -> None:
         for rank, ids in self.scheduler.take_releases().items():
@@ -270,3 +399,7 @@ class Engine:
             flops_per_s=989e12 if cuda else 20e9 * self.config.threads,
             mem_bytes_per_s=3.35e12 if cuda else 10e9, link_bytes_per_s=450e9 if cuda else 5e9,
             max_dop=self.config.instances, name="roofline-cuda" if cuda else "roofline-cpu")
+
+
+def _secs(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}s"

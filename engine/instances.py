@@ -2,18 +2,13 @@
 with CPU KV pools sized from available memory (the engine and the profiler share this)."""
 from __future__ import annotations
 
-from esp.engine.backend import free_port
-from esp.engine.config import EngineConfig
+import tempfile
+from pathlib import Path
+
+from esp.engine.config import EngineConfig, dtype_of
 from esp.engine.kv_pool import KVPool
 from esp.engine.model_config import ModelConfig
 from esp.engine.worker import WorkerSpec
-
-
-def dtype_of(name: str, device: str = "cpu"):
-    import torch
-    if name == "auto":
-        name = "bfloat16" if device == "cuda" else "float32"
-    return {"float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
 
 
 def kv_bytes_per_token(config: EngineConfig, model: ModelConfig) -> int:
@@ -30,7 +25,7 @@ def auto_kv_slots(config: EngineConfig, model: ModelConfig) -> int:
 def worker_specs(config: EngineConfig, model: ModelConfig) -> list[WorkerSpec]:
     """One spec per instance; `kv_slots=None` on CUDA lets each worker size its pool from free memory."""
     slots = config.kv_tokens_per_instance or (auto_kv_slots(config, model) if config.device == "cpu" else None)
-    init = f"tcp://127.0.0.1:{free_port()}"
+    init = rendezvous()
     return [WorkerSpec(rank, config.instances, str(config.model_dir), config.instance_device(rank), config.dtype,
                        slots, config.threads, init) for rank in range(config.instances)]
 
@@ -44,3 +39,10 @@ def _available_memory() -> int:
     except OSError:
         pass
     return 8 << 30
+
+
+def rendezvous() -> str:
+    """A fresh torch.distributed rendezvous for one worker group: a file store in a new temporary
+    directory, so no rendezvous socket listens anywhere (the workers' own gloo sockets bind to
+    loopback, see `worker.py`)."""
+    return (Path(tempfile.mkdtemp(prefix="esp-rdzv-")) / "store").as_uri()

@@ -6,11 +6,13 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class Timing:
-    """Seconds since the request arrived: time to first token, per output token, end to end."""
+    """Seconds since the request arrived: time to first token, per output token, end to end, and
+    the time it waited before its first prefill was scheduled."""
 
     ttft_s: float | None
     tpot_s: float | None
     e2e_s: float | None
+    queue_s: float | None = None
 
 
 @dataclass(frozen=True)

@@ -5,24 +5,28 @@ straight to a `WorkerGroup` and picks the KV slots itself: a bump allocator per 
 reset (with `Release` for every request it created) between measurements, so pools never
 overflow. KV contents are irrelevant; only the shapes of the work matter. Times are the
 main process's wall time from sending a step to the last `StepDone`: what the scheduler sees.
+Progress (each phase and measured point, with the elapsed time) goes to the `esp.profiler`
+logger at INFO, which `esp-run profile` shows on stderr.
 """
 from __future__ import annotations
 
 import itertools
 import json
+import logging
 import random
 import statistics
 import time
 from dataclasses import dataclass
 
 from esp.engine import protocol as msg
-from esp.engine.backend import WorkerGroup
+from esp.engine.workers import WorkerGroup
 from esp.engine.instances import kv_bytes_per_token, worker_specs
 from esp.engine.config import EngineConfig
 from esp.engine.model_config import ModelConfig
 from esp.engine.sampling_params import SamplingParams
 from esp.policies import cost_fit as fit
 
+log = logging.getLogger("esp.profiler")
 GREEDY = SamplingParams(temperature=0.0)
 DEFAULT_BYTES_PER_S = 1e12  # with one instance: latency 0, this bandwidth
 
@@ -65,13 +69,22 @@ class Profiler:
         self._next: list[int] = [0] * config.instances
         self._live: list[set[int]] = [set() for _ in range(config.instances)]
         self._rng = random.Random(0)
+        self._t0 = time.perf_counter()
+
+    def progress(self, text: str, *args) -> None:
+        log.info("[%6.1f s] " + text, time.perf_counter() - self._t0, *args)
 
     async def start(self) -> None:
-        self.group = WorkerGroup(worker_specs(self.config, self.model_config))
+        cfg = self.config
+        self.progress("starting %d worker(s): %s, %s, dtype %s", cfg.instances, cfg.model_dir.name, cfg.device,
+                      cfg.dtype)
+        self.group = WorkerGroup(lambda: worker_specs(self.config, self.model_config))
         await self.group.start()
         self.pool = min(self.group.kv_slots)
         cap = min(8192, self.pool, self.model_config.max_position_embeddings)
         self.max_len = min(self.options.max_len or (1024 if self.options.quick else cap), cap)
+        self.progress("workers ready: %d KV slots per instance; prompts up to %d tokens, %d repeat(s) per point",
+                      self.pool, self.max_len, self.repeats)
 
     def kv_bytes_per_token(self) -> int:
         return kv_bytes_per_token(self.config, self.model_config)
@@ -137,12 +150,17 @@ class Profiler:
         multi = sorted({top, top // 2} if self.options.quick else {top, top // 4, min(top, 1024)})
         shapes = [[n] for n in lengths] + [[n // 4] * 4 for n in multi] + [[n // 16] * 16 for n in multi[-1:]]
         out = []
-        for dop in dops_of(self.config.instances):
+        dops = dops_of(self.config.instances)
+        self.progress("prefill: %d shapes on %s instance(s)", len(shapes), "/".join(map(str, dops)))
+        for dop in dops:
             group = tuple(range(dop))
             await self.prefill_time([16], group)  # warm up (discarded)
             await self.prefill_time([max(16, top // 4)], group)
-            for lens in shapes:
+            for i, lens in enumerate(shapes, 1):
                 out.append(fit.PrefillSample(dop, tuple(lens), await self.prefill_time(lens, group)))
+                shape = f"{len(lens)}x{lens[0]}" if len(lens) > 1 else str(lens[0])
+                self.progress("prefill dop=%d [%d/%d] %s tokens: %.3f s", dop, i, len(shapes), shape,
+                              out[-1].seconds)
         return out
 
     async def profile_decode(self) -> list[fit.DecodeSample]:
@@ -153,6 +171,8 @@ class Profiler:
         tokens, work = (16384, 1 << 22) if quick else (65536, 1 << 24)  # bound the setup prefills
         out = []
         dops = [1] + ([2] if self.config.instances >= 2 else [])
+        self.progress("decode: KV of %s tokens per request on %s instance(s)", "/".join(map(str, kv_lens)),
+                      "/".join(map(str, dops)))
         for dop in dops:
             group = tuple(range(dop))
             for kv_len in kv_lens:
@@ -170,6 +190,8 @@ class Profiler:
                 for b in batches:
                     seconds = await self.decode_time(rids[:b], kv_len, group, grown)
                     out.append(fit.DecodeSample(dop, b, sum(kv_len + grown[r] for r in rids[:b]), seconds))
+                self.progress("decode dop=%d kv=%d per request: batch %s: %s s", dop, kv_len,
+                              ",".join(map(str, batches)), ",".join(f"{s.seconds:.4f}" for s in out[-len(batches):]))
                 self.reset()
         return out
 
@@ -177,6 +199,7 @@ class Profiler:
         if self.config.instances < 2:
             return []
         sizes = log_grid(64, min(self.max_len, self.pool), 1)
+        self.progress("transfer: KV of %d sizes from instance 0 to 1", len(sizes))
         out = []
         for i, n in enumerate([sizes[0]] + sizes):
             times = []
@@ -187,10 +210,11 @@ class Profiler:
                 self.reset()
             if i:  # the first is a warm-up
                 out.append(fit.TransferSample(n * self.kv_bytes_per_token(), statistics.median(times)))
+                self.progress("transfer [%d/%d] %d tokens: %.4f s", i, len(sizes), n, out[-1].seconds)
         return out
 
     async def run(self) -> tuple[dict, dict]:
-        t0 = time.perf_counter()
+        t0 = self._t0 = time.perf_counter()
         await self.start()
         try:
             prefill = await self.profile_prefill()
@@ -198,6 +222,7 @@ class Profiler:
             transfer = await self.profile_transfer()
         finally:
             await self.group.shutdown()
+        self.progress("measured; fitting the cost model")
         kv_bytes = self.kv_bytes_per_token()
         measured = bool(transfer)
         if not measured:  # one instance, nothing to migrate: an exact line through the default

@@ -5,7 +5,7 @@ with its prefill; decode steps carry one token id and one slot per request.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 from esp.engine.sampling_params import SamplingParams
@@ -151,6 +151,7 @@ class StepDone:
     sampled: dict[int, int | list[int]]
     compute_s: float
     comm_s: float = 0.0
+    failed: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,10 @@ class Request:
     error: str | None = None
     in_flight: bool = False
     abort_requested: bool = False
+    scheduled_at: float | None = None
+    failures: int = 0
+    recomputed: int = 0
+    final_delivered: bool = False
     esp: dict = field(default_factory=lambda: {"prefill": [], "decode_groups": {}, "masters": {},
                                                "scale_events": [], "preemptions": 0})
     _sent_text: int = 0
@@ -96,6 +100,7 @@ class Request:
         self._sent_text = upto
         new_ids = self.output_ids[self._sent_tokens:]
         self._sent_tokens = len(self.output_ids)
+        self.final_delivered = self.finish_reason is not None
         return RequestOutput(
             request_id=self.external_id, new_token_ids=new_ids, new_text=new_text,
             token_ids=list(self.output_ids), text=self.text[:upto], prompt_tokens=len(self.prompt_ids),
@@ -107,7 +112,8 @@ class Request:
         e2e = self.finished_at - self.arrival if self.finished_at else None
         n = len(self.output_ids)
         tpot = (self.finished_at - self.first_token_at) / (n - 1) if e2e and ttft is not None and n > 1 else None
-        return Timing(ttft, tpot, e2e)
+        queue = self.scheduled_at - self.arrival if self.scheduled_at is not None else None
+        return Timing(ttft, tpot, e2e, queue)
 
     def esp_summary(self) -> dict:
         e = self.esp
@@ -115,4 +121,4 @@ class Request:
                 "keep_plan": e["prefill"][-1]["keep"] if e["prefill"] else None,
                 "decode_groups": {",".join(map(str, g)): n for g, n in e["decode_groups"].items()},
                 "masters": dict(e["masters"]), "scale_events": list(e["scale_events"]),
-                "preemptions": e["preemptions"]}
+                "preemptions": e["preemptions"], "recomputed": self.recomputed}

@@ -31,16 +31,29 @@ def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: 
     return probs
 
 
-def sample_tokens(logits: torch.Tensor, specs: list[SampleSpec]) -> list[int]:
-    """`logits [N, V]` (one row per spec) -> N token ids."""
+class SamplingError(ValueError):
+    """One row could not be sampled; its request fails, the rest of the batch does not."""
+
+
+def sample_tokens(logits: torch.Tensor, specs: list[SampleSpec]) -> list[int | SamplingError]:
+    """`logits [N, V]` (one row per spec) -> N token ids, or a `SamplingError` in the place of
+    a row whose logits or distribution are not finite."""
     if not specs:
         return []
-    tokens = torch.argmax(logits, dim=-1).tolist()
+    tokens: list[int | SamplingError] = torch.argmax(logits, dim=-1).tolist()
+    finite = torch.isfinite(logits).all(dim=-1).tolist()
     for row, spec in enumerate(specs):
-        p = spec.params
-        if p.greedy:
-            continue
-        probs = filtered_probs(logits[row].double(), p.temperature, p.top_k, p.top_p)
-        g = token_generator(spec.seed, spec.index, logits.device)
-        tokens[row] = int(torch.multinomial(probs, 1, generator=g))
+        if not finite[row]:
+            tokens[row] = SamplingError("the model produced non-finite logits")
+        elif not spec.params.greedy:
+            tokens[row] = _draw(logits[row], spec)
     return tokens
+
+
+def _draw(logits: torch.Tensor, spec: SampleSpec) -> int | SamplingError:
+    p = spec.params
+    probs = filtered_probs(logits.double(), p.temperature, p.top_k, p.top_p)
+    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
+        return SamplingError(f"temperature={p.temperature}, top_p={p.top_p}, top_k={p.top_k} give no "
+                             f"valid distribution")
+    return int(torch.multinomial(probs, 1, generator=token_generator(spec.seed, spec.index, logits.device)))

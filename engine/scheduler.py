@@ -75,6 +75,7 @@ class Scheduler:
         self.stuck: list[Request] = []
         self._views: dict[int, tuple[tuple, RequestView]] = {}
         self._next_step = 0
+        self.recomputed_total = 0
 
     # -- intake -------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -96,6 +97,16 @@ class Scheduler:
         if req.status is Status.WAITING:
             self.waiting.remove(req)
         self._finish(req, "abort")
+        return req
+
+    def end(self, request_id: int, reason: str, error: str | None = None) -> Request:
+        """End a request now, even in a step (its slots are freed when the step comes back)."""
+        req = self.requests[request_id]
+        if req.in_flight:
+            req.abort_requested = True
+            req.finish(reason, error)
+        else:
+            self._finish(req, reason, error)
         return req
 
     @property
@@ -209,6 +220,8 @@ class Scheduler:
                 req.status = Status.RUNNING
                 self.running[rid] = req
             req.in_flight = True
+            if req.scheduled_at is None:
+                req.scheduled_at = self.clock()
             self.waiting.touch()
             keep = []
             for rank, n in ranges[rid]:
@@ -363,19 +376,24 @@ class Scheduler:
         return True
 
     # -- update -------------------------------------------------------------------------
-    def complete(self, step_id: int, sampled: dict[int, int | list[int]]) -> list[Request]:
-        """Apply a finished step. Returns the requests that got a token or ended."""
+    def complete(self, step_id: int, sampled: dict[int, int | list[int]],
+                 failed: dict[int, str] | None = None) -> list[Request]:
+        """Apply a finished step. Returns the requests that got a token or ended. `failed`
+        requests failed alone inside the step (sampling): they end with that error."""
         flight = self.in_flight.pop(step_id)
         self.busy -= set(flight.step.group)
         if isinstance(flight.step, MigrateKV):
             req = self._complete_migration(flight.step)
             return [req] if req.finish_reason else []
+        failed = failed or {}
         touched = []
         for rid in flight.request_ids:
             req = self.requests[rid]
             req.in_flight = False
             if req.abort_requested:
                 self._finish(req, "abort")
+            elif rid in failed:
+                self._finish(req, "error", failed[rid])
             elif rid in sampled:
                 tokens = sampled[rid] if isinstance(sampled[rid], list) else [sampled[rid]]
                 for token in tokens:
@@ -394,17 +412,63 @@ class Scheduler:
             touched.append(req)
         return touched
 
-    def fail(self, step_id: int, message: str) -> list[Request]:
-        """A step failed in the backend: its requests end with the error, their slots freed."""
+    def fail(self, step_id: int, message: str, max_failures: int = 2) -> list[Request]:
+        """A step failed in the backend. Its requests go back to the waiting queue to be
+        recomputed from their prompt plus the tokens they already have; one that has now been
+        in `max_failures` failed steps ends with the error instead. Returns the ended ones."""
         flight = self.in_flight.pop(step_id)
         self.busy -= set(flight.step.group)
-        touched = []
+        ended = []
         for rid in flight.request_ids:
-            req = self.requests[rid]
+            req = self.requests.get(rid)
+            if req is None:
+                continue
             req.in_flight = False
-            self._finish(req, "error", message)
-            touched.append(req)
-        return touched
+            req.failures += 1
+            if req.abort_requested:
+                self._finish(req, "abort")
+            elif req.failures >= max_failures:
+                self._finish(req, "error", f"{message} (the request failed {req.failures} steps; not retried)")
+            else:
+                self._requeue(req)
+                continue
+            ended.append(req)
+        return ended
+
+    def _requeue(self, req: Request) -> None:
+        """Drop the request's KV and put it back at the head of the waiting queue, in arrival order."""
+        self._free(req)
+        req.recomputed += 1
+        self.recomputed_total += 1
+        if req.status is Status.RUNNING:
+            req.status = Status.WAITING
+            del self.running[req.id]
+        else:
+            self.waiting.remove(req)
+        ahead = next((i for i, r in enumerate(self.waiting) if (r.arrival, r.id) > (req.arrival, req.id)),
+                     len(self.waiting))
+        self.waiting.insert(ahead, req)
+        self.waiting.touch()
+
+    def reset(self, kv_slots: list[int]) -> None:
+        """The backend restarted with empty pools: every request is recomputed, oldest first."""
+        assert not self.in_flight, "reset with steps in flight"
+        self.allocators = [SlotAllocator(n) for n in kv_slots]
+        self.busy.clear()
+        self.releases.clear()
+        for req in sorted(self.requests.values(), key=lambda r: (r.arrival, r.id)):
+            held = bool(req.placement) or req.status is Status.RUNNING
+            req.placement = {}
+            req.placement_version += 1
+            if held:
+                req.recomputed += 1
+                self.recomputed_total += 1
+            if req.status is Status.RUNNING:
+                req.status = Status.WAITING
+                del self.running[req.id]
+        self.waiting.clear()
+        self.waiting.extend(sorted(self.requests.values(), key=lambda r: (r.arrival, r.id)))
+        self.waiting.touch()
 
     # -- helpers ------------------------------------------------------------------------
     def _launch(self, step: Step, batch: Batch) -> Step:

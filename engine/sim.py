@@ -141,12 +141,27 @@ class SimBackend:
     reports a new request: multi-step decode saves the simulator scheduling rounds without
     holding a new request back for the rest of a round."""
 
-    def __init__(self, kv_slots: list[int], cost: CostModel) -> None:
+    def __init__(self, kv_slots: list[int], cost: CostModel, max_model_len: int = 0) -> None:
         self.kv_slots, self.cost = kv_slots, cost
+        self.tokenizer = SimTokenizer()
+        self.max_model_len = max_model_len or int(cost.meta.get("max_context") or 0)
         self.dead: str | None = None
+        self.on_failure = None
         self._arrival = asyncio.Event()
 
+    @classmethod
+    def for_config(cls, config, model, cost: CostModel) -> SimBackend:
+        slots = config.kv_tokens_per_instance or cost.meta.get("kv_tokens_per_instance")
+        if not slots:
+            raise ValueError(f"the sim backend needs --kv-tokens-per-instance: profile {cost.name} "
+                             f"does not give the instances' KV capacity")
+        return cls([int(slots)] * config.instances, cost,
+                    int(cost.meta.get("max_context") or model.max_position_embeddings))
+
     async def start(self) -> None:
+        return None
+
+    async def restart(self) -> None:
         return None
 
     def new_work(self) -> None:

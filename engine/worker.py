@@ -6,6 +6,8 @@ answer each with a `StepDone` (or a `WorkerFailed`). The loop dispatches on mess
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 import traceback
 from dataclasses import dataclass, replace
@@ -19,7 +21,7 @@ from esp.engine.comm import PeerComm
 from esp.engine.kv_pool import KVPool, SlotList
 from esp.engine.protocol import (DecodeBatch, MigrateKV, PrefillBatch, Ready, Release, SampleSpec, Shutdown,
                                  StepDone, WorkerFailed)
-from esp.engine.sampling import sample_tokens
+from esp.engine.sampling import SamplingError, sample_tokens
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class Worker:
         self.pool = KVPool(cfg.num_hidden_layers, slots, cfg.num_key_value_heads, cfg.head_dim, dtype, self.device)
         self.local: dict[int, SlotList] = {}
         self.comm = PeerComm(self.rank)
+        self.failed: dict[int, str] = {}
 
     def _slots_from_free_memory(self, cfg, dtype: torch.dtype, fraction: float = 0.85) -> int:
         """On a GPU: most of the memory left after loading the model."""
@@ -138,20 +141,56 @@ class Worker:
             self.local.pop(rid, None)
 
     def _sample(self, hidden: torch.Tensor, request_ids: list[int], specs: list[SampleSpec]) -> dict[int, int]:
+        """Tokens by request; a request whose row cannot be sampled goes to `self.failed` and,
+        in a multi-step round, is fed token 0 until the round ends (its peers keep the batch)."""
         if not request_ids:
             return {}
         tokens = sample_tokens(self.model.compute_logits(hidden), specs)
-        return dict(zip(request_ids, tokens))
+        out = {}
+        for rid, tok in zip(request_ids, tokens):
+            if isinstance(tok, SamplingError):
+                self.failed.setdefault(rid, f"sampling failed: {tok}")
+                tok = 0
+            out[rid] = tok
+        return out
 
-    def _done(self, step_id: int, sampled: dict[int, int], t0: float) -> StepDone:
+    def _done(self, step_id: int, sampled: dict, t0: float) -> StepDone:
         comm_s = self.comm.end_step()
-        return StepDone(step_id, self.rank, sampled, time.perf_counter() - t0 - comm_s, comm_s)
+        failed, self.failed = self.failed, {}
+        sampled = {rid: tok for rid, tok in sampled.items() if rid not in failed}
+        return StepDone(step_id, self.rank, sampled, time.perf_counter() - t0 - comm_s, comm_s, failed)
+
+
+def _die_with_parent() -> None:
+    """The worker exits when the main process does, whatever killed it (SIGKILL included):
+    Linux's parent-death signal, and a watchdog thread where that is not available."""
+    parent = os.getppid()
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="esp-parent-watchdog").start()
 
 
 def worker_main(spec: WorkerSpec, conn) -> None:
-    """Entry point of a worker process: set up, announce `Ready`, then serve messages until `Shutdown`."""
+    """Entry point of a worker process: set up, announce `Ready`, then serve messages until `Shutdown`.
+    Ctrl-C reaches the whole process group: the main process shuts the workers down, so they
+    ignore SIGINT themselves. Peer sockets bind to loopback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
     torch.set_num_threads(spec.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(spec.threads))
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
     try:
         if spec.world_size > 1:
             import torch.distributed as dist

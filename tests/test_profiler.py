@@ -9,7 +9,8 @@ import sys
 import time
 
 import pytest
-from esp.engine.backend import WorkerGroup, free_port
+from esp.engine.instances import rendezvous
+from esp.engine.workers import WorkerGroup
 from esp.engine.config import bundled_model_dir
 from esp.engine.profiler import dops_of, log_grid
 from esp.engine.protocol import KeepRange, PrefillBatch, PrefillSeq, SampleSpec
@@ -46,8 +47,9 @@ def test_profile_bad_flags_give_one_line(tmp_path, args, message):
 
 async def measure_prefill(n: int, repeats: int = 3) -> float:
     """A fresh 1024-token prefill on instance 0 of a new 2-instance group, wall time as the scheduler sees it."""
-    init = f"tcp://127.0.0.1:{free_port()}"
-    group = WorkerGroup([WorkerSpec(r, 2, str(bundled_model_dir()), "cpu", "auto", 4096, 1, init) for r in (0, 1)])
+    init = rendezvous()
+    group = WorkerGroup(lambda: [WorkerSpec(r, 2, str(bundled_model_dir()), "cpu", "auto", 4096, 1, init)
+                                 for r in (0, 1)])
     await group.start()
     try:
         times = []

@@ -166,13 +166,61 @@ def test_loong_admits_on_future_kv_so_it_need_not_preempt():
     assert s.free_slots() == [12]
 
 
-def test_failed_step_ends_requests_with_the_error_and_frees_slots():
+def test_failed_step_recomputes_once_then_ends_with_the_error_and_frees_slots():
     s = Scheduler(loong(), [32])
     r = make_request(1, 5)
     s.add(r)
     steps, _ = s.schedule()
+    assert s.fail(steps[0].step_id, "worker 0 exited") == []
+    assert r.finish_reason is None and r.recomputed == 1 and list(s.waiting) == [r] and s.free_slots() == [32]
+    steps, _ = s.schedule()
+    assert [seq.request_id for seq in steps[0].seqs] == [1] and steps[0].seqs[0].start == 0
+    assert s.fail(steps[0].step_id, "worker 0 exited") == [r]
+    assert r.finish_reason == "error" and "exited" in r.error and s.free_slots() == [32] and not s.requests
+
+
+def test_failed_decode_recomputes_from_prompt_plus_streamed_tokens():
+    s = Scheduler(loong(), [32])
+    r = make_request(1, 5, max_tokens=6)
+    s.add(r)
+    steps, _ = s.schedule()
+    s.complete(steps[0].step_id, {1: 40})
+    steps, _ = s.schedule()
+    s.complete(steps[0].step_id, {1: 41})
+    steps, _ = s.schedule()
     s.fail(steps[0].step_id, "worker 0 exited")
-    assert r.finish_reason == "error" and "exited" in r.error and s.free_slots() == [32]
+    steps, _ = s.schedule()
+    prefill = steps[0].seqs[0]
+    assert prefill.token_ids == r.prompt_ids + [40, 41] and prefill.sample.index == 2
+    s.complete(steps[0].step_id, {1: 42})
+    assert r.output_ids == [40, 41, 42] and r.num_kv == 7
+
+
+def test_request_that_failed_alone_in_a_step_ends_and_the_others_continue():
+    s = Scheduler(loong(), [32])
+    a, b = make_request(1, 5), make_request(2, 5)
+    s.add(a)
+    s.add(b)
+    steps, _ = s.schedule()
+    s.complete(steps[0].step_id, {2: 9}, failed={1: "sampling failed: no valid distribution"})
+    assert a.finish_reason == "error" and "sampling" in a.error and b.output_ids == [9]
+    run_until_idle(s)
+    assert b.finish_reason == "length" and s.free_slots() == [32]
+
+
+def test_reset_after_a_restart_recomputes_every_request_in_arrival_order():
+    s = Scheduler(loong(), [32, 32])
+    reqs = [make_request(i, 5) for i in (1, 2, 3)]
+    for r in reqs:
+        s.add(r)
+    steps, _ = s.schedule()
+    for step in steps:
+        s.complete(step.step_id, {seq.request_id: 7 for seq in step.seqs})
+    s.reset([16, 16])
+    assert list(s.waiting) == reqs and not s.running and s.free_slots() == [16, 16]
+    assert all(r.recomputed == 1 and not r.placement for r in reqs)
+    run_until_idle(s)
+    assert all(r.finish_reason == "length" for r in reqs) and s.free_slots() == [16, 16]
 
 
 def test_prompt_larger_than_every_pool_together_is_refused():

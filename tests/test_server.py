@@ -4,48 +4,35 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import aiohttp
 import pytest
 import pytest_asyncio
-from prometheus_client.parser import text_string_to_metric_families
+from server_helpers import (PROMPT, assert_error_body, post, post_raw, scrape, serving, sse, still_serves,
+                            wait_all_free, wait_for_model)
 
 from esp.engine import EngineConfig, SamplingParams
-from esp.engine.config import bundled_model_dir
 from esp.engine.engine import Engine
-from esp.engine.server import serve
+from esp.engine.outputs import RequestOutput
+from esp.engine.server import create_app
+from esp.engine.server.parsing import MAX_DEPTH
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-
-PROMPT = "The module provides"
-
-
-async def _wait_for_model(timeout_s: float = 600.0) -> None:
-    weights = bundled_model_dir() / "model.safetensors"
-    deadline = time.monotonic() + timeout_s
-    while not weights.exists():
-        if time.monotonic() > deadline:
-            pytest.skip(f"{weights} does not exist")
-        await asyncio.sleep(2)
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def engine():
-    await _wait_for_model()
+    await wait_for_model()
     async with Engine(EngineConfig(kv_tokens_per_instance=4096)) as eng:
         yield eng
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def url(engine):
-    ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(serve(engine, "127.0.0.1", 0, on_ready=ready.set_result))
-    done, _ = await asyncio.wait([ready, task], timeout=30, return_when=asyncio.FIRST_COMPLETED)
-    assert ready in done, task.exception() if task.done() else "serve() did not get ready"
-    yield ready.result()
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    async with serving(engine) as url:
+        yield url
 
 
 @pytest_asyncio.fixture(loop_scope="module")
@@ -57,34 +44,6 @@ async def http():
 async def oracle(engine, prompt, **params):
     outs = [o async for o in engine.generate(prompt, SamplingParams(**params))]
     return outs[-1]
-
-
-async def post(http, url, path, body):
-    async with http.post(url + path, json=body) as resp:
-        return resp.status, await resp.json()
-
-
-async def sse(http, url, path, body) -> list:
-    """The `data:` payloads of a stream, decoded, with `[DONE]` kept as the string."""
-    async with http.post(url + path, json=body) as resp:
-        assert resp.status == 200, await resp.text()
-        assert resp.headers["Content-Type"].startswith("text/event-stream")
-        raw = await resp.text()
-    events = [e for e in raw.split("\n\n") if e]
-    assert raw.endswith("\n\n") and all(e.startswith("data: ") for e in events), raw
-    return [e[6:] if e[6:] == "[DONE]" else json.loads(e[6:]) for e in events]
-
-
-def all_free(engine) -> bool:
-    s = engine.scheduler
-    return s.free_slots() == [a.num_slots for a in s.allocators] and not s.requests
-
-
-async def wait_all_free(engine, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not all_free(engine):
-        assert time.monotonic() < deadline, (engine.scheduler.free_slots(), list(engine.scheduler.requests))
-        await asyncio.sleep(0.05)
 
 
 async def test_completion_stream_matches_full_response_and_engine(engine, url, http):
@@ -251,6 +210,21 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": "x"},
      "max_completion_tokens"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, "messages"),
+    ("/v1/completions", {"prompt": "x", "top_k": -2}, "top_k"),
+    ("/v1/completions", {"prompt": "x", "top_p": 0}, "top_p"),
+    ("/v1/completions", {"prompt": "x", "seed": 2**63}, "seed"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 2**31}, "max_tokens"),
+    ("/v1/completions", {"prompt": "x", "stop": ["s"] * 17}, "stop"),
+    ("/v1/completions", {"prompt": "x", "stop": "s" * 1025}, "stop"),
+    ("/v1/completions", {"prompt": "x", "echo": True}, "echo"),
+    ("/v1/completions", {"prompt": "x", "best_of": 2}, "best_of"),
+    ("/v1/completions", {"prompt": "x", "stream_options": "usage", "stream": True}, "stream_options"),
+    ("/v1/completions", {"prompt": [4096]}, "prompt"),
+    ("/v1/completions", b'{"prompt": "x", "temperature": NaN}', None),
+    ("/v1/completions", b'{"prompt": "x", "top_p": Infinity}', None),
+    ("/v1/completions", b'{"prompt": "x", "temperature": 1e400}', "temperature"),
+    ("/v1/completions", b'\xef\xbb\xbf{"prompt": "x"}', None),
 ]
 
 
@@ -260,18 +234,10 @@ async def test_bad_request_is_400_and_server_keeps_serving(engine, url, http, pa
         else {"json": body}
     async with http.post(url + path, **kwargs) as resp:
         assert resp.status == 400, await resp.text()
-        error = (await resp.json())["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["type"] == "invalid_request_error" and error["code"] is None
-    assert isinstance(error["message"], str) and error["message"]
-    assert error["param"] == param
-    await _still_serves(engine, url, http)
-
-
-async def _still_serves(engine, url, http) -> None:
-    status, full = await post(http, url, "/v1/completions", {"prompt": "A", "max_tokens": 1, "ignore_eos": True})
-    assert status == 200 and full["usage"]["completion_tokens"] == 1
-    await wait_all_free(engine)
+        assert resp.headers["Content-Type"].startswith("application/json")
+        error = assert_error_body(await resp.json(), 400)
+    assert error["code"] is None and error["param"] == param
+    await still_serves(http, url, engine)
 
 
 async def test_prompt_longer_than_context_is_400(engine, url, http):
@@ -280,9 +246,9 @@ async def test_prompt_longer_than_context_is_400(engine, url, http):
         for stream in (False, True):
             status, out = await post(http, url, "/v1/completions", {**body, "stream": stream})
             assert status == 400, out
-            assert out["error"]["type"] == "invalid_request_error" and out["error"]["param"] == "prompt"
+            assert out["error"]["type"] == "invalid_request_error" and out["error"]["param"] == "max_tokens"
             assert str(limit) in out["error"]["message"]
-    await _still_serves(engine, url, http)
+    await still_serves(http, url, engine)
 
 
 async def test_unknown_model_is_404_model_not_found(engine, url, http):
@@ -290,7 +256,7 @@ async def test_unknown_model_is_404_model_not_found(engine, url, http):
     assert status == 404
     assert out["error"]["code"] == "model_not_found" and out["error"]["param"] == "model"
     assert "gpt-17" in out["error"]["message"]
-    await _still_serves(engine, url, http)
+    await still_serves(http, url, engine)
 
 
 async def test_unknown_route_and_wrong_method_use_the_error_body(engine, url, http):
@@ -310,17 +276,17 @@ async def test_client_disconnect_mid_stream_frees_slots(engine, url, http):
     assert resp.status == 200
     line = await resp.content.readuntil(b"\n\n")
     assert json.loads(line[6:])["choices"][0]["text"]
-    assert engine.scheduler.requests, "the request should still be running"
+    assert engine.stats().running, "the request should still be running"
     resp.close()
     await wait_all_free(engine)
-    await _still_serves(engine, url, http)
+    await still_serves(http, url, engine)
 
 
 async def test_client_disconnect_of_full_response_frees_slots(engine, url, http):
     body = {"prompt": PROMPT, "max_tokens": 2000, "ignore_eos": True}
     task = asyncio.create_task(post(http, url, "/v1/completions", body))
     deadline = time.monotonic() + 10
-    while not engine.scheduler.requests:
+    while not engine.stats().running:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.01)
     task.cancel()
@@ -347,27 +313,35 @@ async def test_models_health_and_metrics(engine, url, http):
     async with http.get(url + "/health") as resp:
         assert resp.status == 200 and await resp.json() == {"status": "ok"}
 
-    before = await _metrics(http, url)
+    before = await scrape(http, url)
     for n in (3, 5):
         await post(http, url, "/v1/completions", {"prompt": PROMPT, "max_tokens": n, "ignore_eos": True})
     await post(http, url, "/v1/completions", {"prompt": PROMPT, "max_tokens": "bad"})
-    after = await _metrics(http, url)
-    assert after[("esp_requests_total", (("finish_reason", "length"),))] \
-        - before.get(("esp_requests_total", (("finish_reason", "length"),)), 0) == 2
-    assert after[("esp_generation_tokens_total", ())] - before.get(("esp_generation_tokens_total", ()), 0) == 8
-    assert after[("esp_time_to_first_token_seconds_count", ())] \
-        - before.get(("esp_time_to_first_token_seconds_count", ()), 0) == 2
-    assert after[("esp_time_per_output_token_seconds_count", ())] \
-        - before.get(("esp_time_per_output_token_seconds_count", ()), 0) == 2
-    assert after[("esp_requests_running", ())] == 0 and after[("esp_requests_waiting", ())] == 0
+    after = await scrape(http, url)
 
+    def grew(name: str, **labels) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after[key] - before.get(key, 0)
 
-async def _metrics(http, url) -> dict:
-    async with http.get(url + "/metrics") as resp:
-        assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain")
-        text = await resp.text()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    assert grew("esp_request_success_total", finished_reason="length") == 2
+    assert grew("esp_generation_tokens_total") == 8
+    assert grew("esp_prompt_tokens_total") == 2 * len(engine.tokenizer.encode(PROMPT))
+    assert grew("esp_request_rejected_total", reason="invalid") == 1
+    for histogram in ("esp_time_to_first_token_seconds", "esp_inter_token_latency_seconds",
+                      "esp_e2e_request_latency_seconds", "esp_request_queue_time_seconds", "esp_prefill_dop"):
+        assert grew(f"{histogram}_count") == 2, histogram
+    assert grew("esp_time_to_first_token_by_prompt_seconds_count", prompt_bucket="<1K") == 2
+    assert grew("esp_prefill_dop_sum") == 2
+    assert after[("esp_time_to_first_token_seconds_bucket", (("le", "3600.0"),))] >= 2
+    assert after[("esp_num_requests_running", ())] == 0 and after[("esp_num_requests_waiting", ())] == 0
+    capacity = after[("esp_kv_capacity_slots", (("instance", "0"),))]
+    assert capacity == 4096 and after[("esp_kv_free_slots", (("instance", "0"),))] == capacity
+    assert after[("esp_kv_cache_usage_perc", (("instance", "0"),))] == 0
+    for counter in ("esp_worker_restarts_total", "esp_recomputed_requests_total", "esp_scale_up_total",
+                    "esp_scale_down_total", "esp_migrations_total", "esp_num_preemptions_total",
+                    "esp_scheduler_seconds_total", "esp_engine_rejected_overloaded_total"):
+        assert (counter, ()) in after, counter
+    assert after[("esp_scheduler_seconds_total", ())] > 0
 
 
 async def test_openai_client_streams_a_completion(engine, url):
@@ -389,3 +363,139 @@ async def test_openai_client_streams_a_completion(engine, url):
         with pytest.raises(openai.NotFoundError):
             await client.completions.create(model="nope", prompt=PROMPT, max_tokens=2)
     await wait_all_free(engine)
+
+
+# -- findings of issue 9: each is refused at the edge and the server goes on serving -----------
+@pytest.mark.parametrize("temperature", [5e-324, 1e23, 1e-4, 100.5, -0.5])
+async def test_temperature_outside_its_bounds_is_400(engine, url, http, temperature):
+    status, out = await post(http, url, "/v1/completions", {"prompt": "hi", "max_tokens": 8,
+                                                             "temperature": temperature})
+    assert status == 400, out
+    error = assert_error_body(out, 400)
+    assert error["param"] == "temperature" and "[0.001, 100]" in error["message"]
+    await still_serves(http, url, engine)
+
+
+async def test_json_deeper_than_the_limit_is_400(engine, url, http):
+    def nested(depth: int) -> str:
+        return '{"prompt": "hi", "max_tokens": 1, "user": ' + "[" * (depth - 1) + "]" * (depth - 1) + "}"
+
+    status, _, out = await post_raw(http, url, "/v1/completions", nested(MAX_DEPTH).encode())
+    assert status == 200, out
+    for depth in (MAX_DEPTH + 1, 100_000):
+        status, _, out = await post_raw(http, url, "/v1/completions", nested(depth).encode())
+        assert status == 400, out
+        assert f"{MAX_DEPTH} levels" in assert_error_body(out, 400)["message"]
+    await still_serves(http, url, engine)
+
+
+async def test_integer_of_5000_digits_is_400(engine, url, http):
+    for field in ("max_tokens", "user"):
+        raw = f'{{"prompt": "hi", "{field}": {"9" * 5000}}}'.encode()
+        status, _, out = await post_raw(http, url, "/v1/completions", raw)
+        assert status == 400, out
+        assert assert_error_body(out, 400)["param"] is None
+    await still_serves(http, url, engine)
+
+
+LONE_SURROGATES = [
+    ("/v1/completions", '{"prompt": "a\\ud800b"}', "prompt"),
+    ("/v1/completions", '{"prompt": ["\\udfff"]}', "prompt"),
+    ("/v1/completions", '{"prompt": "hi", "model": "\\ud800"}', "model"),
+    ("/v1/completions", '{"prompt": "hi", "stop": ["ok", "\\ud83d"]}', "stop"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages"),
+    ("/v1/chat/completions",
+     '{"messages": [{"role": "user", "content": [{"type": "text", "text": "x\\udc00"}]}]}', "messages"),
+]
+
+
+@pytest.mark.parametrize("path,raw,param", LONE_SURROGATES, ids=[p for _, _, p in LONE_SURROGATES])
+async def test_lone_surrogate_is_400_with_a_json_body(engine, url, http, path, raw, param):
+    status, headers, out = await post_raw(http, url, path, raw.encode())
+    assert status == 400 and headers["Content-Type"].startswith("application/json"), out
+    error = assert_error_body(out, 400)
+    assert error["param"] == param and "Unicode" in error["message"]
+    await still_serves(http, url, engine)
+
+
+async def test_post_that_is_not_json_is_415(engine, url, http):
+    body = json.dumps({"prompt": "hi", "max_tokens": 1}).encode()
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "application/json; charset=latin-1"):
+        status, _, out = await post_raw(http, url, "/v1/completions", body, content_type)
+        assert status == 415, (content_type, out)
+        assert assert_error_body(out, 415)["code"] == "unsupported_media_type"
+    status, _, out = await post_raw(http, url, "/v1/completions", body, "application/json; charset=UTF-8")
+    assert status == 200, out
+
+
+async def test_500_carries_a_request_id_and_no_details(engine, url, http, monkeypatch):
+    async def broken(prompt):
+        raise RuntimeError("secret detail of /srv/esp")
+
+    monkeypatch.setattr(engine, "encode", broken)
+    async with http.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}) as resp:
+        assert resp.status == 500
+        out = await resp.json()
+        request_id = resp.headers["X-Request-Id"]
+    error = assert_error_body(out, 500)
+    assert request_id.startswith("req-") and request_id in error["message"]
+    assert "secret" not in json.dumps(out) and "RuntimeError" not in json.dumps(out)
+    monkeypatch.undo()
+
+    async def failing(prompt, params, request_id=None):
+        yield RequestOutput(request_id, [], "", [], "", 1, finish_reason="error", error="worker 0: secret")
+
+    monkeypatch.setattr(engine, "generate", failing)
+    for stream in (False, True):
+        status, out = await post(http, url, "/v1/completions", {"prompt": "hi", "max_tokens": 1, "stream": stream})
+        assert status == 500 and "secret" not in json.dumps(out) and "request id req-" in out["error"]["message"]
+
+    async def breaks_mid_stream(prompt, params, request_id=None):
+        yield RequestOutput(request_id, [5], "Hello", [5], "Hello", 1)
+        raise RuntimeError("secret detail of /srv/esp")
+
+    monkeypatch.setattr(engine, "generate", breaks_mid_stream)
+    events = await sse(http, url, "/v1/completions", {"prompt": "hi", "max_tokens": 4, "stream": True})
+    assert events[0]["choices"][0]["text"] == "Hello" and events[-1] == "[DONE]"
+    assert "request id req-" in assert_error_body(events[1], 500)["message"] and "secret" not in str(events)
+    monkeypatch.undo()
+    await still_serves(http, url, engine)
+
+
+async def test_server_header_is_minimal(engine, url, http):
+    requests = [("GET", "/health", None), ("GET", "/metrics", None), ("GET", "/nothing", None),
+                ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 1}),
+                ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 1, "stream": True}),
+                ("POST", "/v1/completions", {"max_tokens": 1})]
+    for method, path, body in requests:
+        async with http.request(method, url + path, json=body) as resp:
+            await resp.read()
+            assert resp.headers["Server"] == "esp-serve", (path, resp.headers["Server"])
+            assert not any(re.search(r"python|aiohttp", v, re.I) for v in resp.headers.values()), path
+
+
+async def test_cors_is_off_by_default(engine, url, http):
+    origin = {"Origin": "https://evil.example"}
+    async with http.get(url + "/v1/models", headers=origin) as resp:
+        assert resp.status == 200 and "Access-Control-Allow-Origin" not in resp.headers
+    async with http.options(url + "/v1/completions",
+                            headers={**origin, "Access-Control-Request-Method": "POST"}) as resp:
+        assert resp.status == 405 and "Access-Control-Allow-Origin" not in resp.headers
+
+
+async def test_openapi_describes_every_route_with_the_enforced_bounds(engine, url, http):
+    async with http.get(url + "/openapi.json") as resp:
+        assert resp.status == 200
+        doc = await resp.json()
+    assert doc["openapi"].startswith("3.")
+    listed = {(method.upper(), path) for path, ops in doc["paths"].items() for method in ops}
+    assert listed == {(r.method, r.resource.canonical) for r in create_app(engine).router.routes()}
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        op = doc["paths"][path]["post"]
+        ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        schema = doc["components"]["schemas"][ref.rsplit("/", 1)[1]]
+        temperature = schema["properties"]["temperature"]["anyOf"][0]["anyOf"]
+        assert temperature[1]["minimum"] == 1e-3 and temperature[1]["maximum"] == 100
+        assert {"400", "404", "413", "415", "500", "503"} <= set(op["responses"])
+    status, out = await post(http, url, "/v1/completions", {"prompt": "hi", "temperature": 1e-3 / 2})
+    assert status == 400 and out["error"]["param"] == "temperature"

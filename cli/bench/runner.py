@@ -160,7 +160,7 @@ async def bench_engine(args: argparse.Namespace, policies: list[str], rates: lis
     from esp.engine.engine import Engine
     from esp.engine.model_config import ModelConfig
 
-    base = engine_config(args)
+    base = dataclasses.replace(engine_config(args), max_waiting_requests=None, max_waiting_tokens=sys.maxsize)
     if args.backend == "sim":
         base = dataclasses.replace(base, backend="sim", profile=args.profile)
     max_context = args.max_context or (args.backend == "sim" and args.profile and _cost(args).meta.get("max_context")) \

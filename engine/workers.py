@@ -1,0 +1,219 @@
+"""Real backend: N worker processes (torch.multiprocessing, spawn) bridged into asyncio.
+
+Replies arrive through `loop.add_reader` on each worker's pipe; sends go through one writer
+thread per worker, so a large prompt never blocks the event loop (DESIGN 3). A worker that
+dies or fails inside a multi-instance step takes the group down (its peers cannot finish
+the step); the engine then calls `restart()`, which reaps every process and starts a fresh
+torch.distributed job.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from typing import Callable
+
+import torch.multiprocessing as mp
+
+from esp.engine.backend import BackendError, StepResult
+from esp.engine.protocol import Ready, Release, Shutdown, Step, StepDone, WorkerFailed
+from esp.engine.worker import WorkerSpec, worker_main
+
+log = logging.getLogger("esp.engine")
+
+
+class _Link:
+    """The pipes to one worker: a writer thread for sends, the loop's reader for replies."""
+
+    def __init__(self, rank: int, send_conn, recv_conn, process) -> None:
+        self.rank, self.recv_conn, self.process = rank, recv_conn, process
+        self._out: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._write, args=(send_conn,), daemon=True,
+                                        name=f"esp-writer-{rank}")
+        self._thread.start()
+
+    def send(self, msg: object) -> None:
+        self._out.put(msg)
+
+    def close(self) -> None:
+        self._out.put(None)
+
+    def _write(self, conn) -> None:
+        while (msg := self._out.get()) is not None:
+            try:
+                conn.send(msg)
+            except (BrokenPipeError, OSError):
+                return
+        conn.close()
+
+
+class WorkerGroup:
+    """The instances of one engine, started together and joined in one torch.distributed job.
+    `make_specs()` gives fresh specs (a new rendezvous) for every start."""
+
+    def __init__(self, make_specs: Callable[[], list[WorkerSpec]], tokenizer_dir: str | None = None,
+                 max_model_len: int = 0) -> None:
+        self.make_specs = make_specs
+        self.tokenizer_dir = tokenizer_dir
+        self.tokenizer = None
+        self.max_model_len = max_model_len
+        self.links: list[_Link] = []
+        self._pending: dict[tuple[int, int], asyncio.Future] = {}
+        self._ready: dict[int, asyncio.Future] = {}
+        self.kv_slots: list[int] = []
+        self.dead: str | None = None
+        self.on_failure: Callable[[str], None] | None = None
+        self.start_seconds = 0.0
+
+    @classmethod
+    def for_config(cls, config, model) -> WorkerGroup:
+        from esp.engine.instances import worker_specs
+        return cls(lambda: worker_specs(config, model), str(config.model_dir), model.max_position_embeddings)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
+        if self.tokenizer_dir and self.tokenizer is None:
+            from esp.engine.tokenizer import Tokenizer
+            self.tokenizer = await loop.run_in_executor(None, Tokenizer.from_dir, self.tokenizer_dir)
+        self.dead = None
+        ctx = mp.get_context("spawn")
+        for spec in self.make_specs():
+            to_worker_r, to_worker_w = ctx.Pipe(duplex=False)
+            from_worker_r, from_worker_w = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=worker_main, args=(spec, _Duplex(to_worker_r, from_worker_w)),
+                               daemon=True, name=f"esp-worker-{spec.rank}")
+            proc.start()
+            to_worker_r.close()
+            from_worker_w.close()
+            self._ready[spec.rank] = loop.create_future()
+            self.links.append(_Link(spec.rank, to_worker_w, from_worker_r, proc))
+            loop.add_reader(from_worker_r.fileno(), self._on_readable, spec.rank)
+        try:
+            ready = [await fut for fut in self._ready.values()]
+        except BackendError:
+            await self.shutdown()
+            raise
+        finally:
+            self._ready.clear()
+        self.kv_slots = [r.kv_slots for r in ready]
+        self.start_seconds = time.monotonic() - t0
+
+    async def restart(self) -> None:
+        await self.shutdown(grace_s=2.0)
+        await self.start()
+
+    async def run(self, step: Step) -> StepResult:
+        """Send `step` to every member of its group and gather their `StepDone`s."""
+        if self.dead:
+            raise BackendError(self.dead)
+        loop = asyncio.get_running_loop()
+        futs = []
+        for rank in step.group:
+            fut = loop.create_future()
+            self._pending[(step.step_id, rank)] = fut
+            self.links[rank].send(step)
+            futs.append(fut)
+        try:
+            done: list[StepDone] = await asyncio.gather(*futs)
+        except BackendError as err:
+            if len(step.group) > 1:
+                self._fail_all(f"an instance failed in a step of group {step.group} ({err}); "
+                               f"its peers cannot finish the step")
+            raise
+        sampled = {rid: tok for d in done for rid, tok in d.sampled.items()}
+        failed = {rid: why for d in done for rid, why in d.failed.items()}
+        return StepResult(step.step_id, sampled, max(d.compute_s for d in done),
+                          max(d.comm_s for d in done), failed)
+
+    def new_work(self) -> None:
+        """A request arrived. Worker rounds always run to their end, so nothing changes here."""
+
+    def release(self, rank: int, request_ids: tuple[int, ...]) -> None:
+        if not self.dead and request_ids:
+            self.links[rank].send(Release(request_ids))
+
+    async def shutdown(self, grace_s: float = 10.0) -> None:
+        """Stop every worker and reap it: `Shutdown`, then SIGKILL after `grace_s`."""
+        loop = asyncio.get_running_loop()
+        for link in self.links:
+            link.send(Shutdown())
+            link.close()
+            try:
+                loop.remove_reader(link.recv_conn.fileno())
+            except (ValueError, OSError):
+                pass
+        deadline = time.monotonic() + grace_s
+        for link in self.links:
+            await loop.run_in_executor(None, link.process.join, max(0.0, deadline - time.monotonic()))
+            if link.process.is_alive():
+                link.process.kill()
+                await loop.run_in_executor(None, link.process.join, 5)
+            log.info("worker %d stopped (exit code %s)", link.rank, link.process.exitcode)
+            link.recv_conn.close()
+        self.links.clear()
+        self._fail_pending("the backend was shut down")
+
+    def _on_readable(self, rank: int) -> None:
+        link = self.links[rank]
+        conn = link.recv_conn
+        try:
+            while conn.poll():
+                self._deliver(rank, conn.recv())
+        except (EOFError, OSError):
+            asyncio.get_running_loop().remove_reader(conn.fileno())
+            link.process.join(1.0)
+            self._fail_all(f"worker {rank} exited ({_exit_status(link.process.exitcode)})")
+
+    def _deliver(self, rank: int, msg: object) -> None:
+        if isinstance(msg, Ready):
+            self._ready[rank].set_result(msg)
+        elif isinstance(msg, StepDone):
+            fut = self._pending.pop((msg.step_id, rank), None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+        elif isinstance(msg, WorkerFailed):
+            if msg.step_id is None:
+                log.debug("worker %d failed to start:\n%s", rank, msg.traceback)
+                fut = self._ready.get(rank)
+                if fut is not None and not fut.done():
+                    fut.set_exception(BackendError(msg.message))
+                return
+            log.warning("worker %d failed step %d: %s\n%s", rank, msg.step_id, msg.message, msg.traceback)
+            fut = self._pending.pop((msg.step_id, rank), None)
+            if fut is not None and not fut.done():
+                fut.set_exception(BackendError(msg.message))
+
+    def _fail_all(self, reason: str) -> None:
+        first = self.dead is None
+        self.dead = reason
+        self._fail_pending(reason)
+        if first and self.on_failure is not None:
+            self.on_failure(reason)
+
+    def _fail_pending(self, reason: str) -> None:
+        for fut in list(self._pending.values()) + list(self._ready.values()):
+            if not fut.done():
+                fut.set_exception(BackendError(reason))
+        self._pending.clear()
+
+
+def _exit_status(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+
+
+class _Duplex:
+    """The worker's end: `recv()` from the main process, `send()` back to it."""
+
+    def __init__(self, recv_conn, send_conn) -> None:
+        self._r, self._s = recv_conn, send_conn
+
+    def recv(self) -> object:
+        return self._r.recv()
+
+    def send(self, msg: object) -> None:
+        self._s.send(msg)
