@@ -109,7 +109,6 @@ class Engine:
         """Load the model on the workers; raises `EngineStartError` with one line saying what to do."""
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        self._check_device()
         self.cost_model = load_profile(self.config.profile) if self.config.profile else self.default_cost_model()
         self._log_plan()
         self.backend = create_backend(self.config, self.model_config, self.cost_model)
@@ -130,17 +129,6 @@ class Engine:
                  self._start_s, slots, self.max_model_len, self.policies.name)
         self._loop_task = asyncio.create_task(self._run(), name="esp-engine-loop")
         return self
-
-    def _check_device(self) -> None:
-        if self.config.device == "cuda" and self.config.backend == "real":
-            import torch
-            if not torch.cuda.is_available():
-                raise EngineStartError(
-                    f"--device cuda, but this torch ({torch.__version__}) cannot use CUDA: install a CUDA build "
-                    f"of torch into this environment (pip install torch from your CUDA wheel index) or use --device cpu")
-            if torch.cuda.device_count() < self.config.instances:
-                raise EngineStartError(f"--instances {self.config.instances} needs as many GPUs, but "
-                                       f"{torch.cuda.device_count()} are visible")
 
     def _log_plan(self) -> None:
         c, m = self.config, self.model_config

@@ -18,6 +18,7 @@ from typing import Callable
 import torch.multiprocessing as mp
 
 from esp.engine.backend import BackendError, StepResult
+from esp.engine.errors import EngineStartError
 from esp.engine.protocol import Ready, Release, Shutdown, Step, StepDone, WorkerFailed
 from esp.engine.worker import WorkerSpec, worker_main
 
@@ -70,6 +71,8 @@ class WorkerGroup:
     @classmethod
     def for_config(cls, config, model) -> WorkerGroup:
         from esp.engine.instances import worker_specs
+        if config.device == "cuda":
+            _check_cuda(config.instances)
         return cls(lambda: worker_specs(config, model), str(config.model_dir), model.max_position_embeddings)
 
     async def start(self) -> None:
@@ -198,6 +201,17 @@ class WorkerGroup:
             if not fut.done():
                 fut.set_exception(BackendError(reason))
         self._pending.clear()
+
+
+def _check_cuda(instances: int) -> None:
+    import torch
+    if not torch.cuda.is_available():
+        raise EngineStartError(
+            f"--device cuda, but this torch ({torch.__version__}) cannot use CUDA: install a CUDA build of torch "
+            f"into this environment (pip install torch from your CUDA wheel index) or use --device cpu")
+    if torch.cuda.device_count() < instances:
+        raise EngineStartError(f"--instances {instances} needs as many GPUs, but {torch.cuda.device_count()} "
+                               f"are visible")
 
 
 def _exit_status(code: int | None) -> str:
