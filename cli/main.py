@@ -1,4 +1,6 @@
-"""`esp-run`: serve (the default), generate, profile, policies."""
+"""`esp-run`: the flags, and the commands serve (the default, in `esp.cli.serve`), generate,
+profile, policies and bench (`esp.cli.bench`). Every error a user can cause ends in one line
+`esp-run: error: ...` on stderr and a non-zero exit; Ctrl-C never prints a traceback."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +8,9 @@ import asyncio
 import json
 import sys
 
+from esp.cli.logs import LEVELS, setup_logging
 from esp.engine.config import EngineConfig
+from esp.engine.errors import EngineError
 from esp.engine.sampling_params import SamplingParams
 
 COMMANDS = ("serve", "generate", "profile", "policies", "bench")
@@ -38,6 +42,31 @@ def positive_int(text: str) -> int:
     return value
 
 
+def count_or_none(text: str) -> int | None:
+    """A positive integer, or `none` for no limit."""
+    if text.strip().lower() in ("none", "unbounded", "unlimited"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or none, got {text}")
+    return value
+
+
+def on_off(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("on", "off", "true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"must be on or off, got {text}")
+    return value in ("on", "true", "1", "yes")
+
+
+def add_log_flags(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--log-level", type=str.lower, choices=LEVELS, default=default,
+                   help=f"stderr log level (default {default})")
+
+
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--policy", default="loong", help="policy bundle (see `esp-run policies`)")
@@ -58,6 +87,13 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                                                              "(default 1; 8 with --backend sim)")
     g.add_argument("--chunk-size", type=positive_int, help="chunked: tokens per step, decodes plus prompt chunks "
                                                            "(default 2048)")
+    g.add_argument("--max-waiting-requests", type=count_or_none, default=512, metavar="N",
+                   help="queued requests beyond which new ones are refused with 503 (default 512; none: no limit)")
+    g.add_argument("--max-waiting-tokens", type=count_or_none, metavar="N",
+                   help="queued prompt tokens beyond which new requests are refused with 503 "
+                        "(default: 4x the KV slots of all instances)")
+    g.add_argument("--log-requests", type=on_off, default=True, metavar="on|off",
+                   help="one log line per finished request on esp.requests (default on)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -69,16 +105,19 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         kv_tokens_per_instance=args.kv_tokens_per_instance, threads_per_instance=args.threads_per_instance,
         policy=args.policy, scheduling=args.scheduling, batching=args.batching, scaling=args.scaling,
         max_prefill_tokens=args.max_prefill_tokens, max_batch_size=args.max_batch_size, decode_steps=args.decode_steps,
-        policy_options=options | ({"chunk_size": args.chunk_size} if args.chunk_size else {}))
+        policy_options=options | ({"chunk_size": args.chunk_size} if args.chunk_size else {}),
+        max_waiting_requests=args.max_waiting_requests, max_waiting_tokens=args.max_waiting_tokens,
+        log_requests=args.log_requests)
 
 
 def build_parser() -> Parser:
     parser = Parser(prog="esp-run", description="Long-context LLM serving with elastic sequence parallelism.")
     sub = parser.add_subparsers(dest="command", parser_class=Parser)
+    from esp.cli.serve import add_serve_flags
     serve = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API (default)")
     add_engine_flags(serve)
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    add_serve_flags(serve)
+    add_log_flags(serve, "info")
     gen = sub.add_parser("generate", help="complete one prompt and print it")
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
@@ -92,6 +131,7 @@ def build_parser() -> Parser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     add_engine_flags(gen)
+    add_log_flags(gen, "warning")
     prof = sub.add_parser("profile", help="measure step times on the workers and fit a cost-model profile")
     prof.add_argument("--out", required=True, help="where to write the profile (JSON, for CostModel.load)")
     prof.add_argument("--quick", action="store_true", help="few points, 1 repeat, max-len 1024 (about a minute)")
@@ -99,11 +139,13 @@ def build_parser() -> Parser:
                                                            "model context))")
     prof.add_argument("--repeats", type=positive_int, help="timings per point, median taken (default 2, quick 1)")
     add_engine_flags(prof)
+    add_log_flags(prof, "info")
     sub.add_parser("policies", help="list installed policies by kind")
     from esp.cli.bench.runner import add_bench_flags
     bench = sub.add_parser("bench", help="benchmark policies x request rates on a trace (DESIGN 8)")
     add_engine_flags(bench)
     add_bench_flags(bench)
+    add_log_flags(bench, "warning")
     return parser
 
 
@@ -139,21 +181,6 @@ async def cmd_generate(args: argparse.Namespace) -> int:
     return 0 if final.finish_reason != "error" else 1
 
 
-async def cmd_serve(args: argparse.Namespace) -> int:
-    from esp.engine.engine import Engine
-    from esp.engine.server import serve
-
-    def ready(url: str) -> None:
-        print(f"esp-serve: serving {engine.model_name} with policy {engine.policies.name} "
-              f"on {engine.config.instances} instance(s) at {url}", flush=True)
-        print(f"try: curl {url}/v1/completions -H 'Content-Type: application/json' "
-              f"-d '{{\"prompt\": \"The module\", \"max_tokens\": 32, \"stream\": true}}'", flush=True)
-
-    async with Engine(engine_config(args)) as engine:
-        await serve(engine, args.host, args.port, on_ready=ready)
-    return 0
-
-
 async def cmd_profile(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -186,29 +213,62 @@ def cmd_policies() -> int:
     return 0
 
 
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (an OSError with its file name)."""
+    if isinstance(err, OSError) and err.strerror:
+        text = err.strerror + "".join(f": {f}" for f in (err.filename, err.filename2) if f)
+    else:
+        text = str(err)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(err).__name__
+
+
+def preflight(args: argparse.Namespace) -> None:
+    """What can be checked before anything loads: `--model` and `--device cuda`."""
+    from esp.cli.preflight import PreflightError, check_device, check_model_dir
+
+    if args.command == "bench" and getattr(args, "url", None):
+        return
+    sim = getattr(args, "backend", "real") == "sim"
+    try:
+        check_model_dir(args.model, weights=not sim)
+        if not sim:
+            check_device(args.device, args.instances)
+    except PreflightError as err:
+        raise CLIError(str(err)) from None
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    if args.command == "policies":
+        return cmd_policies()
+    preflight(args)
+    if args.command == "bench":
+        from esp.cli.bench.runner import cmd_bench
+        return cmd_bench(args)
+    if args.command == "generate":
+        return run_async(cmd_generate(args))
+    if args.command == "profile":
+        return run_async(cmd_profile(args))
+    from esp.cli.serve import cmd_serve
+    return cmd_serve(args, engine_config(args))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help")):
         argv.insert(0, "serve")
     try:
         args = build_parser().parse_args(argv)
-        if args.command == "policies":
-            return cmd_policies()
-        if args.command == "bench":
-            from esp.cli.bench.runner import cmd_bench
-            return cmd_bench(args)
-        if args.command == "generate":
-            return run_async(cmd_generate(args))
-        if args.command == "profile":
-            return run_async(cmd_profile(args))
-        return run_async(cmd_serve(args))
+        setup_logging(getattr(args, "log_level", "warning"))
+        return dispatch(args)
     except CLIError as err:
-        print(f"esp-run: error: {err}", file=sys.stderr)
+        print(f"esp-run: error: {one_line(err)}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as err:
-        print(f"esp-run: error: {err}", file=sys.stderr)
+    except (EngineError, ValueError, OSError) as err:
+        # bad settings, a model that does not load, a port in use, a worker that failed to start, ...
+        print(f"esp-run: error: {one_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        print("esp-run: interrupted", file=sys.stderr)
         return 130
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import signal
 import threading
 import time
 from typing import Callable
@@ -88,15 +89,19 @@ class WorkerGroup:
             from_worker_r, from_worker_w = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=worker_main, args=(spec, _Duplex(to_worker_r, from_worker_w)),
                                daemon=True, name=f"esp-worker-{spec.rank}")
-            proc.start()
+            _start_ignoring_sigint(proc)
             to_worker_r.close()
             from_worker_w.close()
             self._ready[spec.rank] = loop.create_future()
             self.links.append(_Link(spec.rank, to_worker_w, from_worker_r, proc))
             loop.add_reader(from_worker_r.fileno(), self._on_readable, spec.rank)
+        futs = list(self._ready.values())
         try:
-            ready = [await fut for fut in self._ready.values()]
+            ready = await asyncio.gather(*futs)
         except BackendError:
+            for fut in futs:  # every failure is retrieved: the first one is raised
+                if fut.done() and not fut.cancelled():
+                    fut.exception()
             await self.shutdown()
             raise
         finally:
@@ -201,6 +206,21 @@ class WorkerGroup:
             if not fut.done():
                 fut.set_exception(BackendError(reason))
         self._pending.clear()
+
+
+def _start_ignoring_sigint(proc) -> None:
+    """Start a worker with SIGINT ignored from its first instruction (spawned children keep an
+    ignored signal ignored), so a Ctrl-C while it imports torch cannot kill it: the main
+    process stops the workers itself. Off the main thread signals cannot be changed, and a
+    Ctrl-C does not reach that thread anyway."""
+    if threading.current_thread() is not threading.main_thread():
+        proc.start()
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        proc.start()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _check_cuda(instances: int) -> None:
