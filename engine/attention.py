@@ -13,7 +13,8 @@ import torch
 from esp.engine.comm import PeerComm
 from esp.engine.kv_pool import KVPool, SlotList
 from esp.engine.protocol import DecodeBatch, PrefillBatch
-from esp.kernels import decode_partial_attention, merge_attn_states, store_kv, striped_attention_step
+from esp.kernels import (StripeLayout, decode_partial_attention, merge_attn_states, slot_runs, store_kv,
+                         striped_attention_step)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,9 @@ class StripedPrefill:
             sel = origin == j
             self.blocks.append(StripeBlock(pos.to(torch.int64).to(device), cu.to(device),
                                            row[sel].to(device), ks[sel].to(device)))
+        # pass j attends stripe `index` to stripe j: positions are the progressions the fused
+        # CPU kernel computes as a causal mask shifted by 0 or -1 rows
+        self.layouts = [StripeLayout.stripes(n, self.index, j, len(lengths)) for j in range(n)]
         mine = self.blocks[self.index]
         self.positions = mine.pos
         self.last_rows = {}
@@ -88,7 +92,8 @@ class StripedPrefill:
                 store_kv(self.pool.k[layer], self.pool.v[layer], b.keep_slots,
                          block[0, b.keep_rows], block[1, b.keep_rows])
             mine = self.blocks[i]
-            o, l = striped_attention_step(q, block[0], block[1], mine.pos, b.pos, mine.cu, b.cu)
+            o, l = striped_attention_step(q, block[0], block[1], mine.pos, b.pos, mine.cu, b.cu,
+                                          layout=self.layouts[j])
             out, lse = (o, l) if out is None else merge_attn_states(out, lse, o, l)
             if exchange is not None:
                 exchange.wait()
@@ -118,6 +123,8 @@ class DistributedDecode:
         cu = torch.zeros(len(lists) + 1, dtype=torch.int64)
         cu[1:] = torch.cumsum(torch.tensor([len(x) for x in lists], dtype=torch.int64), 0)
         self.cu = cu.to(device)
+        # contiguous runs of slots are read in place by the CPU kernel; split them once per step
+        self.runs = slot_runs(self.slots, self.cu) if self.slots.device.type == "cpu" else None
         self.peers = peers
         self.positions = torch.tensor([s.position for s in self.mine], dtype=torch.int64, device=device)
         self.input_ids = torch.tensor([s.token_id for s in self.mine], dtype=torch.int64, device=device)
@@ -128,12 +135,12 @@ class DistributedDecode:
             store_kv(pool_k, pool_v, self.store_slots, k, v)
         head_shape = q.shape[1:]
         if not self.peers:
-            out, _ = decode_partial_attention(q, pool_k, pool_v, self.slots, self.cu)
+            out, _ = decode_partial_attention(q, pool_k, pool_v, self.slots, self.cu, runs=self.runs)
             return out
         incoming = [(a, q.new_empty((c,) + head_shape)) for a, c in self.recv_counts.items()]
         self.comm.start([(b, q[rows]) for b, rows in self.send_rows.items()], incoming).wait()
         all_q = torch.cat([q] + [buf for _, buf in incoming])
-        o, l = decode_partial_attention(all_q, pool_k, pool_v, self.slots, self.cu)
+        o, l = decode_partial_attention(all_q, pool_k, pool_v, self.slots, self.cu, runs=self.runs)
         replies, results, start = [], [], len(self.mine)
         for a, buf in incoming:
             end = start + len(buf)

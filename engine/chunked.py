@@ -4,6 +4,12 @@ decode tokens in one forward pass (chunked prefill, Sarathi / SplitFuse style; D
 Rows are the chunks' tokens first, then one row per decode token. Every row's K/V is stored
 before attention, so a chunk row attends, causally by global position, to its request's
 whole local slot list (cached prefix plus this chunk), and a decode row to all of its slots.
+
+A chunk at positions `start..` over keys at positions `0..` is a causal mask shifted by
+`start` rows (`StripeLayout(1, (start,), (0,))`), which the fused CPU kernel computes as an
+unmasked pass over the prefix plus a causal pass over the chunk. Its keys are a slice view
+of the pool when the request's slots are one contiguous run (the allocator tries that
+first), else gathered once per layer.
 """
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ import torch
 
 from esp.engine.kv_pool import KVPool, SlotList
 from esp.engine.protocol import PrefillBatch
-from esp.kernels import decode_partial_attention, store_kv, striped_attention_step
+from esp.kernels import StripeLayout, decode_partial_attention, slot_runs, store_kv, striped_attention_step
 
 
 def _cu(lengths: list[int], device: torch.device) -> torch.Tensor:
@@ -24,13 +30,40 @@ def _cat(parts: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     return torch.cat(parts).to(device) if parts else torch.empty(0, dtype=torch.int64, device=device)
 
 
+def _run_start(slots: torch.Tensor) -> int | None:
+    """The first slot when `slots` are consecutive numbers (a slice of the pool), else None."""
+    if not len(slots):
+        return None
+    first = int(slots[0])
+    return first if torch.equal(slots, torch.arange(first, first + len(slots), device=slots.device)) else None
+
+
+class _Chunk:
+    """One request's chunk: its query rows, its keys (a pool run or a slot list) and layout."""
+
+    def __init__(self, rows: slice, start: int, ctx: torch.Tensor, device: torch.device) -> None:
+        self.rows, self.ctx = rows, ctx
+        self.run = _run_start(ctx)
+        n_q, n_k = rows.stop - rows.start, len(ctx)
+        self.q_pos = torch.arange(start, start + n_q, device=device)
+        self.k_pos = torch.arange(n_k, device=device)
+        self.cu_q = torch.tensor([0, n_q], dtype=torch.int64, device=device)
+        self.cu_k = torch.tensor([0, n_k], dtype=torch.int64, device=device)
+        self.layout = StripeLayout(1, (start,), (0,))
+
+    def keys(self, pool: torch.Tensor) -> torch.Tensor:
+        if self.run is not None:
+            return pool[self.run: self.run + len(self.ctx)]
+        return pool.index_select(0, self.ctx)
+
+
 class MixedStep:
     def __init__(self, batch: PrefillBatch, rank: int, pool: KVPool, local: dict[int, SlotList],
                  device: torch.device) -> None:
         if batch.group != (rank,):
             raise ValueError(f"a mixed step runs on one instance, got group {batch.group}")
         self.pool = pool
-        store, q_pos, k_pos, ctx, q_lens, k_lens, self.last_rows = [], [], [], [], [], [], {}
+        store, q_pos, self.chunks, q_lens, self.last_rows = [], [], [], [], {}
         for s in batch.seqs:
             slots = [slot for kr in s.keep for slot in kr.slots]
             if len(slots) != len(s.token_ids) or any(kr.rank != rank for kr in s.keep):
@@ -41,10 +74,9 @@ class MixedStep:
             held.extend(slots)
             store.append(torch.tensor(slots, dtype=torch.int64))
             q_pos.append(torch.arange(s.start, s.start + len(slots)))
-            k_pos.append(torch.arange(len(held)))
-            ctx.append(held.tensor())
+            row = sum(q_lens)
+            self.chunks.append(_Chunk(slice(row, row + len(slots)), s.start, held.tensor().clone(), device))
             q_lens.append(len(slots))
-            k_lens.append(len(held))
             if s.sample is not None:
                 self.last_rows[s.request_id] = sum(q_lens) - 1
         self.num_prefill = sum(q_lens)
@@ -54,11 +86,10 @@ class MixedStep:
         store.append(torch.tensor([d.slot for d in self.decode], dtype=torch.int64))
         decode_ctx = [local[d.request_id].tensor() for d in self.decode]
         self.store_slots = _cat(store, device)
-        self.q_pos, self.k_pos = _cat(q_pos, device), _cat(k_pos, device)
-        self.ctx_slots = _cat(ctx, device)
-        self.cu_q, self.cu_k = _cu(q_lens, device), _cu(k_lens, device)
+        self.q_pos = _cat(q_pos, device)
         self.decode_slots = _cat(decode_ctx, device)
         self.decode_cu = _cu([len(x) for x in decode_ctx], device)
+        self.decode_runs = slot_runs(self.decode_slots, self.decode_cu) if device.type == "cpu" else None
         self.positions = torch.cat([self.q_pos, torch.tensor([d.position for d in self.decode],
                                                              dtype=torch.int64, device=device)])
         self.input_ids = torch.tensor([t for s in batch.seqs for t in s.token_ids] +
@@ -69,11 +100,12 @@ class MixedStep:
         store_kv(pool_k, pool_v, self.store_slots, k, v)
         p = self.num_prefill
         outs = []
-        if p:
-            o, _ = striped_attention_step(q[:p], pool_k[self.ctx_slots], pool_v[self.ctx_slots],
-                                          self.q_pos, self.k_pos, self.cu_q, self.cu_k)
+        for c in self.chunks:
+            o, _ = striped_attention_step(q[c.rows], c.keys(pool_k), c.keys(pool_v), c.q_pos, c.k_pos,
+                                          c.cu_q, c.cu_k, layout=c.layout)
             outs.append(o)
         if self.decode:
-            o, _ = decode_partial_attention(q[p:], pool_k, pool_v, self.decode_slots, self.decode_cu)
+            o, _ = decode_partial_attention(q[p:], pool_k, pool_v, self.decode_slots, self.decode_cu,
+                                            runs=self.decode_runs)
             outs.append(o)
         return torch.cat(outs) if len(outs) > 1 else outs[0]

@@ -8,6 +8,10 @@ Request b attends, without a mask, to the pool rows `slots[cu_slots[b]:cu_slots[
 the request's KV held by this instance: partials from several instances combine with
 `merge_attn_states`. An empty range gives out = 0, lse = -inf. Query head h reads kv head
 `h // (H // KVH)`. out has q's dtype; lse is float32 (float64 for float64 q).
+
+On the CPU backend (`esp.kernels.decode_cpu`) long contiguous runs of slots are attended in
+place, as slice views of the pool; `runs=slot_runs(slots, cu_slots)`, computed once per step
+by the caller, saves re-splitting the slots at every layer (without it each call splits them).
 """
 from __future__ import annotations
 
@@ -15,13 +19,18 @@ import torch
 
 from esp.kernels import checks
 from esp.kernels.backend import resolve_backend
+from esp.kernels.decode_cpu import SlotRuns, decode_partial_attention_cpu, slot_runs
+
+__all__ = ["SlotRuns", "decode_partial_attention", "decode_partial_attention_ref", "slot_runs"]
 
 
 def decode_partial_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                              slots: torch.Tensor, cu_slots: torch.Tensor,
-                             softmax_scale: float | None = None, *, backend: str | None = None
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Check the inputs, then run the torch or Triton implementation (see `esp.kernels.backend`).
+                             softmax_scale: float | None = None, *, runs: SlotRuns | None = None,
+                             backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check the inputs, then run the reference, the CPU path or Triton (see
+    `esp.kernels.backend`). `runs` must come from `slot_runs(slots, cu_slots)` on these very
+    tensors; the other backends ignore it.
 
     Slot values are not range-checked (that would cost a device sync per call).
     """
@@ -40,7 +49,13 @@ def decode_partial_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     checks.dim("cu_slots", cu_slots, 0, b + 1, "one range per request, [B+1]")
     cu = checks.offsets("cu_slots", cu_slots, slots.numel(), "entries of slots")
     scale = checks.scale(softmax_scale, d)
-    if resolve_backend(backend, q) == "triton":
+    if runs is not None and not (isinstance(runs, SlotRuns) and runs.slots is slots
+                                 and runs.cu_slots is cu_slots):
+        raise ValueError("runs must be slot_runs(slots, cu_slots) of the slots and cu_slots passed here")
+    name = resolve_backend(backend, q)
+    if name == "cpu":
+        return decode_partial_attention_cpu(q, k_cache, v_cache, slots, cu_slots, scale, runs)
+    if name == "triton":
         from esp.kernels.decode_triton import decode_partial_attention_triton
         return decode_partial_attention_triton(q, k_cache, v_cache, slots, cu_slots, scale,
                                                max_len=checks.max_len(cu))

@@ -67,13 +67,17 @@ def test_abort_during_a_chunk_frees_its_slots_when_the_step_returns():
     assert req.finish_reason == "abort" and s.free_slots() == [64] and not s.waiting and not s.requests
 
 
-def test_failed_chunk_ends_the_request_and_frees_its_slots():
+def test_failed_chunk_restarts_the_prompt_then_a_second_failure_ends_the_request():
     s = Scheduler(chunked(8), [64])
     req = make_request(1, 30)
     s.add(req)
     steps, _ = s.schedule()
     s.complete(steps[0].step_id, sampled_by(steps[0]))
     steps, _ = s.schedule()
+    s.fail(steps[0].step_id, "boom")
+    assert req.finish_reason is None and req.num_kv == 0 and list(s.waiting) == [req] and s.free_slots() == [64]
+    steps, _ = s.schedule()
+    assert steps[0].seqs[0].start == 0
     s.fail(steps[0].step_id, "boom")
     assert req.finish_reason == "error" and s.free_slots() == [64] and not s.waiting
 

@@ -282,7 +282,10 @@ def test_store_kv_ref_matches_index_assignment():
 def test_backend_resolution(monkeypatch):
     cpu = torch.zeros(1)
     monkeypatch.delenv("ESP_KERNELS", raising=False)
-    assert get_kernel_backend() == "auto" and resolve_backend(None, cpu) == "torch"
+    assert get_kernel_backend() == "auto" and resolve_backend(None, cpu) == "cpu"
+    assert resolve_backend(None, cpu.double()) == "cpu"
+    monkeypatch.setenv("ESP_KERNELS", "torch")
+    assert resolve_backend(None, cpu) == "torch"
     monkeypatch.setenv("ESP_KERNELS", "triton")
     assert resolve_backend(None, cpu) == "triton"
     assert resolve_backend("torch", cpu) == "torch"
