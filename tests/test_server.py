@@ -242,11 +242,12 @@ async def test_bad_request_is_400_and_server_keeps_serving(engine, url, http, pa
 
 async def test_prompt_longer_than_context_is_400(engine, url, http):
     limit = engine.max_model_len
-    for body in ({"prompt": [5] * (limit + 1)}, {"prompt": [5] * (limit - 2), "max_tokens": 3}):
+    for body, param in (({"prompt": [5] * (limit + 1)}, "prompt"),
+                        ({"prompt": [5] * (limit - 2), "max_tokens": 3}, "max_tokens")):
         for stream in (False, True):
             status, out = await post(http, url, "/v1/completions", {**body, "stream": stream})
             assert status == 400, out
-            assert out["error"]["type"] == "invalid_request_error" and out["error"]["param"] == "max_tokens"
+            assert out["error"]["type"] == "invalid_request_error" and out["error"]["param"] == param
             assert str(limit) in out["error"]["message"]
     await still_serves(http, url, engine)
 
