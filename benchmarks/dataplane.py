@@ -2,7 +2,8 @@
 real engine, as ratios taken in one run against in-process oracles.
 
     .venv/bin/python benchmarks/dataplane.py [--lengths 2048,8192,32768] [--repeats 3]
-                                             [--esp-length 32768] [--json OUT] [--quick]
+                                             [--esp-length 32768] [--threads-length 8192]
+                                             [--json OUT] [--quick]
 
 1. TTFT of each prompt length on 1 instance x 1 thread (`Engine`, `generate` with
    max_tokens=1, `RequestOutput.timing.ttft_s`) over the transformers `LlamaForCausalLM`
@@ -10,6 +11,8 @@ real engine, as ratios taken in one run against in-process oracles.
    `logits_to_keep=1` as `generate` does for a prefill) in this process.
 2. TTFT of the `--esp-length` prompt on 2 instances x 1 thread over 1 instance x 1 thread,
    policy `static-sp` (every instance takes part in every prefill: a stripe each).
+3. TTFT of the `--threads-length` prompt on 1 instance x 2 threads over 1 x 1, on a quiet
+   machine and beside a process that keeps one core busy.
 
 The bundled model's context is 32768 tokens, so 32768 means 32000 (room for the output
 token). Every engine stays up for the whole run and the measurements are interleaved
@@ -29,6 +32,7 @@ import os
 import random
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 
@@ -72,10 +76,10 @@ class HF:
 class ESP:
     """One engine kept up for the run."""
 
-    def __init__(self, instances: int, kv_tokens: int, policy: str) -> None:
+    def __init__(self, instances: int, kv_tokens: int, policy: str, threads: int = 1) -> None:
         from esp.engine import EngineConfig
         from esp.engine.engine import Engine
-        self.config = EngineConfig(instances=instances, threads_per_instance=1, kv_tokens_per_instance=kv_tokens,
+        self.config = EngineConfig(instances=instances, threads_per_instance=threads, kv_tokens_per_instance=kv_tokens,
                                    dtype="float32", policy=policy, log_requests=False)
         self.engine = Engine(self.config)
 
@@ -115,7 +119,7 @@ async def run(args) -> dict:
     esp_len = prompt_length(args.esp_length, context)
     prompts = {n: make_prompt(n, vocab, seed=n) for n in set(lengths) | {esp_len}}
     warm = make_prompt(WARMUP_TOKENS, vocab, seed=0)
-    kv = max(prompts) + 64
+    kv = max(max(prompts), args.threads_length) + 64
     hf = HF(model_dir)
     hf.ttft(warm)
     res: dict = {"ttft": {}, "esp": {}}
@@ -141,7 +145,33 @@ async def run(args) -> dict:
                   f"[load {load_avg():.2f}]", flush=True)
         res["esp"] = {"tokens": esp_len, "esp_1x1_s": summary(t1), "esp_2x1_s": summary(t2),
                       "speedup": summary(ratios), "esp_2x1_steps": steps}
+        if args.threads_length:
+            res["threads"] = await threads(one, kv, make_prompt(args.threads_length, vocab, seed=1), args.repeats)
     return res
+
+
+async def threads(one: ESP, kv: int, prompt: list[int], repeats: int) -> dict:
+    """1 instance x 2 threads over 1 x 1 on one prompt, on a quiet machine and beside a process
+    that keeps one core busy (the 2-thread instance must never be slower than 1 thread)."""
+    out = {"tokens": len(prompt)}
+    async with ESP(1, kv, "static-sp", threads=2) as two:
+        await two.ttft(prompt[:256])
+        for label, busy in (("quiet", False), ("busy_neighbour", True)):
+            hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+            try:
+                t1, t2, ratios = [], [], []
+                for _ in range(repeats):
+                    a, _ = await one.ttft(prompt)
+                    b, _ = await two.ttft(prompt)
+                    t1.append(a), t2.append(b), ratios.append(a / b)
+                    print(f"  {len(prompt):>6} tokens, {label}: 1x1 {a:.3f}s, 1x2 {b:.3f}s, speedup {a / b:.2f}  "
+                          f"[load {load_avg():.2f}]", flush=True)
+            finally:
+                if hog is not None:
+                    hog.kill()
+                    hog.wait()
+            out[label] = {"esp_1x1_s": summary(t1), "esp_1x2_s": summary(t2), "speedup": summary(ratios)}
+    return out
 
 
 def main() -> None:
@@ -151,10 +181,12 @@ def main() -> None:
     ap.add_argument("--esp-length", type=int, default=32768, help="prompt length of the 2x1 over 1x1 ratio")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", metavar="OUT", help="write every measurement to this JSON file")
+    ap.add_argument("--threads-length", type=int, default=8192,
+                    help="prompt length of the 1x2 over 1x1 ratios, quiet and beside a busy process (0: skip)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 256- and 1024-token prompts")
     args = ap.parse_args()
     if args.quick:
-        args.lengths, args.esp_length = "256,1024", 1024
+        args.lengths, args.esp_length, args.threads_length = "256,1024", 1024, 1024
     args.lengths = [int(x) for x in args.lengths.split(",") if x]
     if args.repeats < 1 or not args.lengths:
         ap.error("need at least one length and one repeat")
@@ -174,6 +206,15 @@ def main() -> None:
     print("| prompt | 1 instance x 1 thread | 2 instances x 1 thread | speedup |")
     print("|---|---|---|---|")
     print(f"| {e['tokens']:,} | {fmt(e['esp_1x1_s'])} | {fmt(e['esp_2x1_s'])} | {fmt(e['speedup'], 'x')} |")
+    if "threads" in res:
+        t = res["threads"]
+        print()
+        print("| prompt | machine | 1 instance x 1 thread | 1 instance x 2 threads | speedup |")
+        print("|---|---|---|---|---|")
+        for label in ("quiet", "busy_neighbour"):
+            r = t[label]
+            print(f"| {t['tokens']:,} | {label.replace('_', ' ')} | {fmt(r['esp_1x1_s'])} | {fmt(r['esp_1x2_s'])} "
+                  f"| {fmt(r['speedup'], 'x')} |")
     print()
     print(f"median (min..max) over {args.repeats} interleaved repeats; load average {before:.2f} before, "
           f"{after:.2f} after (the run itself adds 1 to 2)")

@@ -15,6 +15,14 @@ def dtype_of(name: str, device: str = "cpu"):
     return {"float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
 
 
+def available_cpus() -> list[int]:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        return list(range(os.cpu_count() or 1))
+
+
 def bundled_model_dir() -> Path:
     """The `esp-tiny` checkpoint shipped inside the package."""
     return Path(str(files("esp.engine") / "models" / "esp-tiny"))
@@ -86,7 +94,9 @@ class EngineConfig:
 
     @property
     def threads(self) -> int:
-        return self.threads_per_instance or max(1, (os.cpu_count() or 1) // self.instances)
+        """Threads per instance: by default the cores this process may use, split evenly, so
+        instances x threads never exceeds them (at least one each)."""
+        return self.threads_per_instance or max(1, len(available_cpus()) // self.instances)
 
     def instance_device(self, rank: int) -> str:
         return f"cuda:{rank}" if self.device == "cuda" else "cpu"

@@ -2,13 +2,16 @@
 with CPU KV pools sized from available memory (the engine and the profiler share this)."""
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
-from esp.engine.config import EngineConfig, dtype_of
+from esp.engine.config import EngineConfig, available_cpus, dtype_of
 from esp.engine.kv_pool import KVPool
 from esp.engine.model_config import ModelConfig
 from esp.engine.worker import WorkerSpec
+
+log = logging.getLogger("esp.engine")
 
 
 def kv_bytes_per_token(config: EngineConfig, model: ModelConfig) -> int:
@@ -26,8 +29,22 @@ def worker_specs(config: EngineConfig, model: ModelConfig) -> list[WorkerSpec]:
     """One spec per instance; `kv_slots=None` on CUDA lets each worker size its pool from free memory."""
     slots = config.kv_tokens_per_instance or (auto_kv_slots(config, model) if config.device == "cpu" else None)
     init = rendezvous()
+    cpus = cpu_sets(config)
     return [WorkerSpec(rank, config.instances, str(config.model_dir), config.instance_device(rank), config.dtype,
-                       slots, config.threads, init) for rank in range(config.instances)]
+                       slots, config.threads, init, cpus[rank]) for rank in range(config.instances)]
+
+
+def cpu_sets(config: EngineConfig) -> list[tuple[int, ...]]:
+    """The cores each instance's threads are pinned to: disjoint sets of `threads` cores when
+    instances x threads fit in the cores available; no pinning (empty sets) when they do not,
+    or off the CPU, where the cores only feed the GPUs."""
+    cpus, t, n = available_cpus(), config.threads, config.instances
+    if config.device != "cpu" or n * t > len(cpus):
+        if config.device == "cpu":
+            log.warning("%d instance(s) x %d thread(s) exceed the %d core(s) available: threads are not pinned "
+                        "and will compete", n, t, len(cpus))
+        return [()] * n
+    return [tuple(cpus[r * t:(r + 1) * t]) for r in range(n)]
 
 
 def _available_memory() -> int:

@@ -36,6 +36,7 @@ class WorkerSpec:
     kv_slots: int | None
     threads: int
     dist_init: str
+    cpus: tuple[int, ...] = ()
 
 
 class Worker:
@@ -187,8 +188,9 @@ def worker_main(spec: WorkerSpec, conn) -> None:
     ignore SIGINT themselves. Peer sockets bind to loopback."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
+    if spec.cpus and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, spec.cpus)
     torch.set_num_threads(spec.threads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(spec.threads))
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
     try:

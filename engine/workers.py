@@ -9,7 +9,9 @@ torch.distributed job.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import queue
 import signal
 import threading
@@ -24,6 +26,7 @@ from esp.engine.protocol import Ready, Release, Shutdown, Step, StepDone, Worker
 from esp.engine.worker import WorkerSpec, worker_main
 
 log = logging.getLogger("esp.engine")
+WAIT_POLICY = "PASSIVE"
 
 
 class _Link:
@@ -89,7 +92,8 @@ class WorkerGroup:
             from_worker_r, from_worker_w = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=worker_main, args=(spec, _Duplex(to_worker_r, from_worker_w)),
                                daemon=True, name=f"esp-worker-{spec.rank}")
-            _start_ignoring_sigint(proc)
+            with _worker_env(spec.threads):
+                _start_ignoring_sigint(proc)
             to_worker_r.close()
             from_worker_w.close()
             self._ready[spec.rank] = loop.create_future()
@@ -206,6 +210,25 @@ class WorkerGroup:
             if not fut.done():
                 fut.set_exception(BackendError(reason))
         self._pending.clear()
+
+
+@contextlib.contextmanager
+def _worker_env(threads: int):
+    """The environment a worker is spawned with, read when it loads OpenMP (at `import torch`,
+    before any of our code runs): its thread count, and OpenMP threads that sleep rather than
+    spin between parallel regions, so a busy neighbour cannot starve them (a user's own
+    OMP_WAIT_POLICY wins)."""
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _start_ignoring_sigint(proc) -> None:
