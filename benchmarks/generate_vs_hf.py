@@ -1,7 +1,13 @@
-"""Decode throughput: esp-serve with 16 concurrent mixed-length requests against
-transformers' `generate` on the same model and prompts, on this machine (one run, one ratio).
+"""Decode throughput: esp-serve with N concurrent mixed-length requests against
+transformers' `generate` on the same model and prompts, on this machine (one run, one ratio
+per N), and the control plane's cost per decode step.
 
-    .venv/bin/python benchmarks/generate_vs_hf.py [--requests 16] [--max-tokens 64]
+    .venv/bin/python benchmarks/generate_vs_hf.py [--requests 16,64] [--max-tokens 64] [--json OUT]
+
+Control-plane overhead of a decode step, from the engine's step records (1 instance, so
+decode steps run one after another): `in step` is the wall time the engine saw minus the
+worker's compute (pickling, pipes, thread hops, wake-ups), `between steps` the gap from one
+decode step's end to the next one's start (update, streaming, scheduling).
 """
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import argparse
 import asyncio
 import json
 import random
+import statistics
 import time
 
 import torch
@@ -16,27 +23,43 @@ import torch
 
 def make_prompts(vocab: int, n: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
-    lengths = [rng.choice([16, 64, 128, 256, 512, 1024]) for _ in range(n)]
+    lengths = [rng.choice([64, 128, 256, 512, 1024, 2048]) for _ in range(n)]
     return [[1] + [rng.randrange(3, vocab) for _ in range(L - 1)] for L in lengths]
 
 
-async def run_esp(model_dir, prompts, max_tokens, threads) -> float:
+async def run_esp(model_dir, prompts, max_tokens, threads) -> tuple[float, dict]:
     from esp.engine import EngineConfig, SamplingParams
     from esp.engine.engine import Engine
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
-    config = EngineConfig(model=str(model_dir), kv_tokens_per_instance=32768, threads_per_instance=threads,
-                          dtype="float32")
+    kv = max(32768, sum(len(p) + max_tokens for p in prompts))
+    config = EngineConfig(model=str(model_dir), kv_tokens_per_instance=kv, threads_per_instance=threads,
+                          dtype="float32", log_requests=False)
     async with Engine(config) as engine:
         async def one(p):
             async for out in engine.generate(p, params):
                 last = out
             return last
         await one(prompts[0][:8])
+        engine.step_stats.clear()
         t0 = time.perf_counter()
         outs = await asyncio.gather(*(one(p) for p in prompts))
         wall = time.perf_counter() - t0
-    return sum(o.completion_tokens for o in outs) / wall
+        overhead = control_plane(list(engine.step_stats))
+    return sum(o.completion_tokens for o in outs) / wall, overhead
+
+
+def control_plane(stats) -> dict:
+    """Per decode step, in ms: median in-step overhead, median gap to the next decode step."""
+    decode = sorted((s for s in stats if s.kind == "decode"), key=lambda s: s.start_s)
+    in_step = [(s.wall_s - s.compute_s - s.comm_s) * 1e3 for s in decode]
+    gaps = [(b.start_s - a.start_s - a.wall_s) * 1e3 for a, b in zip(decode, decode[1:])]
+    compute = [s.compute_s * 1e3 for s in decode]
+    med = statistics.median
+    return {"decode_steps": len(decode), "compute_ms": round(med(compute), 3) if compute else None,
+            "in_step_ms": round(med(in_step), 3) if in_step else None,
+            "between_steps_ms": round(med(gaps), 3) if gaps else None,
+            "total_ms": round(med(in_step) + med(gaps), 3) if gaps else None}
 
 
 def run_hf(model_dir, prompts, max_tokens, threads) -> float:
@@ -66,16 +89,24 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(bundled_model_dir()))
-    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--requests", default="16,64", help="concurrent requests, comma-separated")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", metavar="OUT")
     args = ap.parse_args()
-    prompts = make_prompts(ModelConfig.from_dir(args.model).vocab_size, args.requests)
-    esp = asyncio.run(run_esp(args.model, prompts, args.max_tokens, args.threads))
-    hf = run_hf(args.model, prompts, args.max_tokens, args.threads)
-    print(json.dumps({"requests": args.requests, "prompt_lens": sorted(len(p) for p in prompts),
-                      "max_tokens": args.max_tokens, "esp_tokens_per_s": round(esp, 1),
-                      "hf_generate_tokens_per_s": round(hf, 1), "ratio_esp_over_hf": round(esp / hf, 2)}))
+    results = []
+    for n in [int(x) for x in args.requests.split(",") if x]:
+        prompts = make_prompts(ModelConfig.from_dir(args.model).vocab_size, n)
+        esp, overhead = asyncio.run(run_esp(args.model, prompts, args.max_tokens, args.threads))
+        hf = run_hf(args.model, prompts, args.max_tokens, args.threads)
+        results.append({"requests": n, "prompt_lens": sorted(len(p) for p in prompts),
+                        "max_tokens": args.max_tokens, "esp_tokens_per_s": round(esp, 1),
+                        "hf_generate_tokens_per_s": round(hf, 1), "ratio_esp_over_hf": round(esp / hf, 2),
+                        "control_plane": overhead})
+        print(json.dumps(results[-1]), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":

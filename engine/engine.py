@@ -33,7 +33,8 @@ log = logging.getLogger("esp.engine")
 
 @dataclass(frozen=True)
 class StepStat:
-    """One finished step: its kind, group, tokens processed, and where the time went."""
+    """One finished step: its kind, group, tokens processed, and where the time went; `start_s`
+    is the loop's clock when it was sent."""
 
     kind: str
     group: tuple[int, ...]
@@ -41,16 +42,17 @@ class StepStat:
     compute_s: float
     comm_s: float
     wall_s: float
+    start_s: float = 0.0
 
     @classmethod
-    def of(cls, step: Step, result, wall_s: float) -> StepStat:
+    def of(cls, step: Step, result, wall_s: float, start_s: float = 0.0) -> StepStat:
         if isinstance(step, PrefillBatch):
             kind, tokens = "prefill", sum(len(s.token_ids) for s in step.seqs)
         elif isinstance(step, MigrateKV):
             kind, tokens = "migrate", len(step.src_slots)
         else:
             kind, tokens = "decode", len(step.seqs)
-        return cls(kind, step.group, tokens, result.compute_s, result.comm_s, wall_s)
+        return cls(kind, step.group, tokens, result.compute_s, result.comm_s, wall_s, start_s)
 _LONG_TEXT = 8192
 _MAX_STEP_FAILURES = 2
 requests_log = logging.getLogger("esp.requests")
@@ -310,7 +312,7 @@ class Engine:
         t0 = clock()
         try:
             result = await self.backend.run(step)
-            self.step_stats.append(StepStat.of(step, result, clock() - t0))
+            self.step_stats.append(StepStat.of(step, result, clock() - t0, t0))
             touched = self.scheduler.complete(step.step_id, result.sampled, result.failed)
         except BackendError as err:
             log.error("step %d on %s failed: %s", step.step_id, step.group, err)

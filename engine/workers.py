@@ -26,7 +26,6 @@ from esp.engine.protocol import Ready, Release, Shutdown, Step, StepDone, Worker
 from esp.engine.worker import WorkerSpec, worker_main
 
 log = logging.getLogger("esp.engine")
-WAIT_POLICY = "PASSIVE"
 
 
 class _Link:
@@ -92,7 +91,7 @@ class WorkerGroup:
             from_worker_r, from_worker_w = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=worker_main, args=(spec, _Duplex(to_worker_r, from_worker_w)),
                                daemon=True, name=f"esp-worker-{spec.rank}")
-            with _worker_env(spec.threads):
+            with _worker_env(spec):
                 _start_ignoring_sigint(proc)
             to_worker_r.close()
             from_worker_w.close()
@@ -213,14 +212,19 @@ class WorkerGroup:
 
 
 @contextlib.contextmanager
-def _worker_env(threads: int):
+def _worker_env(spec: WorkerSpec):
     """The environment a worker is spawned with, read when it loads OpenMP (at `import torch`,
-    before any of our code runs): its thread count, and OpenMP threads that sleep rather than
-    spin between parallel regions, so a busy neighbour cannot starve them (a user's own
-    OMP_WAIT_POLICY wins)."""
-    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    os.environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
+    before any of our code runs): its thread count and, when its threads are not pinned to
+    cores of their own on a CPU (instances x threads exceed the cores), OpenMP threads that
+    sleep instead of spinning between parallel regions, since spinning threads that share
+    cores starve each other. Pinned threads keep OpenMP's default short spin: a decode step's
+    many short regions run 3x slower when every region has to wake its threads
+    (docs/results.md). A user's own OMP_WAIT_POLICY wins."""
+    keys = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ["OMP_NUM_THREADS"] = str(spec.threads)
+    if not spec.cpus and spec.device == "cpu":
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         yield
     finally:
