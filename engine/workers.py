@@ -16,7 +16,9 @@ import queue
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Callable
+from urllib.parse import urlparse
 
 import torch.multiprocessing as mp
 
@@ -70,6 +72,7 @@ class WorkerGroup:
         self.dead: str | None = None
         self.on_failure: Callable[[str], None] | None = None
         self.start_seconds = 0.0
+        self._specs: list[WorkerSpec] = []
 
     @classmethod
     def for_config(cls, config, model) -> WorkerGroup:
@@ -86,7 +89,8 @@ class WorkerGroup:
             self.tokenizer = await loop.run_in_executor(None, Tokenizer.from_dir, self.tokenizer_dir)
         self.dead = None
         ctx = mp.get_context("spawn")
-        for spec in self.make_specs():
+        self._specs = self.make_specs()
+        for spec in self._specs:
             to_worker_r, to_worker_w = ctx.Pipe(duplex=False)
             from_worker_r, from_worker_w = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=worker_main, args=(spec, _Duplex(to_worker_r, from_worker_w)),
@@ -165,6 +169,7 @@ class WorkerGroup:
             log.info("worker %d stopped (exit code %s)", link.rank, link.process.exitcode)
             link.recv_conn.close()
         self.links.clear()
+        _remove_rendezvous(self._specs)
         self._fail_pending("the backend was shut down")
 
     def _on_readable(self, rank: int) -> None:
@@ -259,6 +264,15 @@ def _check_cuda(instances: int) -> None:
     if torch.cuda.device_count() < instances:
         raise EngineStartError(f"--instances {instances} needs as many GPUs, but {torch.cuda.device_count()} "
                                f"are visible")
+
+
+def _remove_rendezvous(specs: list[WorkerSpec]) -> None:
+    """Delete the file store of a stopped group (`instances.rendezvous`) and its directory."""
+    for uri in {s.dist_init for s in specs if s.dist_init.startswith("file://")}:
+        store = Path(urlparse(uri).path)
+        store.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            store.parent.rmdir()
 
 
 def _exit_status(code: int | None) -> str:
