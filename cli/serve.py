@@ -38,24 +38,21 @@ def byte_size(text: str) -> int:
     return value
 
 
-def port_number(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port number 0..65535 (0: any free port), got {text}")
-    return value
+def _flag(convert, ok, what: str):
+    """An argparse type: `convert(text)` must succeed and satisfy `ok`, else one line naming `what`."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+    return parse
 
 
-def seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative number of seconds, got {text}")
-    return value
+port_number = _flag(int, lambda v: 0 <= v <= 65535, "a port number 0..65535 (0: any free port)")
+seconds = _flag(float, lambda v: v >= 0, "a non-negative number of seconds")
 
 
 def origins(text: str) -> tuple[str, ...]:

@@ -87,7 +87,7 @@ class Engine:
         self._state, self._detail = "starting", None
         self._since = 0.0
         self._start_s = 30.0
-        self._counts = {"restarts": 0, "overloaded": 0}
+        self._restarts = self._overloaded = 0
         self._schedule_s = 0.0
         self.step_stats: deque[StepStat] = deque(maxlen=10000)
 
@@ -189,9 +189,9 @@ class Engine:
         if s is None:
             return EngineStats(0, 0, 0, (), (), 0, 0, 0, 0.0)
         waiting = len(s.waiting)
-        return EngineStats(len(s.requests) - waiting, waiting, sum(len(r.all_ids) for r in s.waiting),
+        return EngineStats(len(s.requests) - waiting, waiting, sum(r.num_tokens for r in s.waiting),
                            tuple(a.num_slots for a in s.allocators), tuple(a.num_free for a in s.allocators),
-                           self._counts["restarts"], s.recomputed_total, self._counts["overloaded"],
+                           self._restarts, s.recomputed_total, self._overloaded,
                            self._schedule_s)
 
     # -- requests -----------------------------------------------------------------------
@@ -269,10 +269,10 @@ class Engine:
             raise InvalidRequest(f"request id {external!r} is already in use")
         if self.limits.waiting_requests is not None or self.limits.waiting_tokens is not None:
             try:
-                check_queue(self.limits, [len(r.all_ids) for r in self.scheduler.waiting], len(ids),
+                check_queue(self.limits, [r.num_tokens for r in self.scheduler.waiting], len(ids),
                             self.cost_model, self.config.instances)
             except Overloaded:
-                self._counts["overloaded"] += 1
+                self._overloaded += 1
                 raise
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         return Request(next(self._counter), external, ids, params, seed, self.tokenizer.eos_token_ids,
@@ -350,7 +350,7 @@ class Engine:
                 self._end_all("error", self._detail)
                 return
             self.scheduler.reset(list(self.backend.kv_slots))
-            self._counts["restarts"] += 1
+            self._restarts += 1
             self._state, self._detail = ("draining", "the server is shutting down") if draining else ("ok", None)
             log.info("workers restarted in %.1f s; %d request(s) to recompute",
                      asyncio.get_running_loop().time() - self._since, len(self.scheduler.requests))

@@ -61,6 +61,11 @@ class Request:
         return self.prompt_ids + self.output_ids
 
     @property
+    def num_tokens(self) -> int:
+        """len(all_ids), without building the list."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
     def num_kv(self) -> int:
         return sum(len(s) for s in self.placement.values())
 

@@ -214,7 +214,7 @@ class Scheduler:
             req = self.requests[rid]
             first = start = req.num_kv
             end = start + sum(n for _, n in ranges[rid])
-            final = end == len(req.all_ids)
+            final = end == req.num_tokens
             if final:
                 self.waiting.remove(req)
                 req.status = Status.RUNNING
@@ -355,7 +355,7 @@ class Scheduler:
             if self.waiting:
                 head = self.waiting.popleft()
                 self._finish(head, "error", f"policy {self.policies.name} cannot place a request of "
-                                            f"{len(head.all_ids)} tokens on an idle cluster with "
+                                            f"{head.num_tokens} tokens on an idle cluster with "
                                             f"{self.free_slots()} free slots")
                 self.stuck.append(head)
                 return True
