@@ -103,22 +103,30 @@ class StripedPrefill:
 
 class DistributedDecode:
     """Multi-master decode: masters send Q to the holders of each request's KV, holders
-    return partial `(out, lse)`, masters merge (DESIGN 4.4)."""
+    return partial `(out, lse)`, masters merge (DESIGN 4.4). One per iteration of a round:
+    iteration `k` stores into each row's k-th slot at its position + k."""
 
-    def __init__(self, batch: DecodeBatch, rank: int, pool: KVPool, local: dict[int, SlotList],
-                 comm: PeerComm, device: torch.device) -> None:
+    def __init__(self, batch: DecodeBatch, k: int, tokens: list[int], rank: int, pool: KVPool,
+                 local: dict[int, SlotList], comm: PeerComm, device: torch.device) -> None:
         self.pool, self.comm, self.rank = pool, comm, rank
-        self.mine = [s for s in batch.seqs if s.master == rank]
-        for s in self.mine:
-            local.setdefault(s.request_id, SlotList(device)).extend([s.slot])
-        self.store_slots = torch.tensor([s.slot for s in self.mine], dtype=torch.int64, device=device)
+        rows, steps = batch.rows, batch.steps
+        rids, masters, holders = rows.request_ids, rows.masters, rows.holders
+        self.mine = [i for i, m in enumerate(masters) if m == rank]
+        self.mine_ids = [rids[i] for i in self.mine]
+        slots = [rows.slots[i] if k == 0 else rows.next_slots[i * (steps - 1) + k - 1] for i in self.mine]
+        for rid, slot in zip(self.mine_ids, slots):
+            held = local.get(rid)
+            if held is None:
+                held = local[rid] = SlotList(device)
+            held.append(slot)
+        self.store_slots = torch.tensor(slots, dtype=torch.int64, device=device)
+        bit = 1 << rank
         peers = [r for r in batch.group if r != rank]
-        self.send_rows = {b: torch.tensor([i for i, s in enumerate(self.mine) if b in s.holders],
+        self.send_rows = {b: torch.tensor([j for j, i in enumerate(self.mine) if holders[i] >> b & 1],
                                           dtype=torch.int64, device=device) for b in peers}
-        self.recv_counts = {a: sum(1 for s in batch.seqs if s.master == a and rank in s.holders)
-                            for a in peers}
-        served = self.mine + [s for a in peers for s in batch.seqs if s.master == a and rank in s.holders]
-        lists = [local[s.request_id].tensor() for s in served]
+        theirs = {a: [rids[i] for i, m in enumerate(masters) if m == a and holders[i] & bit] for a in peers}
+        self.recv_counts = {a: len(ids) for a, ids in theirs.items()}
+        lists = [local[rid].tensor() for rid in self.mine_ids + [rid for a in peers for rid in theirs[a]]]
         self.slots = torch.cat(lists) if lists else torch.empty(0, dtype=torch.int64, device=device)
         cu = torch.zeros(len(lists) + 1, dtype=torch.int64)
         cu[1:] = torch.cumsum(torch.tensor([len(x) for x in lists], dtype=torch.int64), 0)
@@ -126,8 +134,8 @@ class DistributedDecode:
         # contiguous runs of slots are read in place by the CPU kernel; split them once per step
         self.runs = slot_runs(self.slots, self.cu) if self.slots.device.type == "cpu" else None
         self.peers = peers
-        self.positions = torch.tensor([s.position for s in self.mine], dtype=torch.int64, device=device)
-        self.input_ids = torch.tensor([s.token_id for s in self.mine], dtype=torch.int64, device=device)
+        self.positions = torch.tensor([rows.positions[i] + k for i in self.mine], dtype=torch.int64, device=device)
+        self.input_ids = torch.tensor(tokens, dtype=torch.int64, device=device)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         pool_k, pool_v = self.pool.k[layer], self.pool.v[layer]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from esp.engine.kv_pool import KVPool, SlotList
-from esp.engine.protocol import PrefillBatch
+from esp.engine.protocol import MixedBatch
 from esp.kernels import StripeLayout, decode_partial_attention, slot_runs, store_kv, striped_attention_step
 
 
@@ -58,7 +58,7 @@ class _Chunk:
 
 
 class MixedStep:
-    def __init__(self, batch: PrefillBatch, rank: int, pool: KVPool, local: dict[int, SlotList],
+    def __init__(self, batch: MixedBatch, rank: int, pool: KVPool, local: dict[int, SlotList],
                  device: torch.device) -> None:
         if batch.group != (rank,):
             raise ValueError(f"a mixed step runs on one instance, got group {batch.group}")
@@ -80,20 +80,19 @@ class MixedStep:
             if s.sample is not None:
                 self.last_rows[s.request_id] = sum(q_lens) - 1
         self.num_prefill = sum(q_lens)
-        self.decode = batch.decode
-        for d in self.decode:
-            local.setdefault(d.request_id, SlotList(device)).extend([d.slot])
-        store.append(torch.tensor([d.slot for d in self.decode], dtype=torch.int64))
-        decode_ctx = [local[d.request_id].tensor() for d in self.decode]
+        rows = self.decode = batch.decode
+        for rid, slot in zip(rows.request_ids, rows.slots):
+            local.setdefault(rid, SlotList(device)).append(slot)
+        store.append(torch.tensor(rows.slots, dtype=torch.int64))
+        decode_ctx = [local[rid].tensor() for rid in rows.request_ids]
         self.store_slots = _cat(store, device)
         self.q_pos = _cat(q_pos, device)
         self.decode_slots = _cat(decode_ctx, device)
         self.decode_cu = _cu([len(x) for x in decode_ctx], device)
         self.decode_runs = slot_runs(self.decode_slots, self.decode_cu) if device.type == "cpu" else None
-        self.positions = torch.cat([self.q_pos, torch.tensor([d.position for d in self.decode],
-                                                             dtype=torch.int64, device=device)])
-        self.input_ids = torch.tensor([t for s in batch.seqs for t in s.token_ids] +
-                                      [d.token_id for d in self.decode], dtype=torch.int64, device=device)
+        self.positions = torch.cat([self.q_pos, torch.tensor(rows.positions, dtype=torch.int64, device=device)])
+        self.input_ids = torch.tensor([t for s in batch.seqs for t in s.token_ids] + list(rows.token_ids),
+                                      dtype=torch.int64, device=device)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         pool_k, pool_v = self.pool.k[layer], self.pool.v[layer]
@@ -104,7 +103,7 @@ class MixedStep:
             o, _ = striped_attention_step(q[c.rows], c.keys(pool_k), c.keys(pool_v), c.q_pos, c.k_pos,
                                           c.cu_q, c.cu_k, layout=c.layout)
             outs.append(o)
-        if self.decode:
+        if len(self.decode):
             o, _ = decode_partial_attention(q[p:], pool_k, pool_v, self.decode_slots, self.decode_cu,
                                             runs=self.decode_runs)
             outs.append(o)

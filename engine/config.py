@@ -34,8 +34,10 @@ class EngineConfig:
     the profile); `threads_per_instance=None` splits the CPU cores evenly (at least one each).
     `backend="sim"` replaces the worker processes by the simulator (`esp.engine.sim`); `profile`
     names the cost model (a preset or a JSON file) that policies read and the simulator runs on.
-    `decode_steps`: decode iterations per scheduling round (default 1; 8 under the simulator,
-    where per-round Python overhead would otherwise dominate a 10,000-request replay).
+    `decode_steps`: the most decode iterations per scheduling round (default 16; 8 under the
+    simulator). A round streams each iteration's tokens and ends after the iteration in
+    progress when a request arrives, is aborted or ends, so the control plane runs once per
+    round instead of once per token without holding anything back.
     `max_waiting_requests` / `max_waiting_tokens` bound the waiting queue (a full queue refuses
     new requests with `Overloaded`): None means unbounded requests, and for tokens 4x the
     cluster's KV slots. `max_restarts`: attempts to restart failed workers before the engine is
@@ -86,7 +88,7 @@ class EngineConfig:
 
     @property
     def scheduler_decode_steps(self) -> int:
-        return self.decode_steps or (8 if self.backend == "sim" else 1)
+        return self.decode_steps or (8 if self.backend == "sim" else 16)
 
     @property
     def model_dir(self) -> Path:

@@ -18,7 +18,7 @@ from esp.engine.config import EngineConfig, dtype_of
 from esp.engine.errors import EngineStartError, EngineUnavailable, InvalidRequest, Overloaded
 from esp.engine.model_config import ModelConfig
 from esp.engine.outputs import RequestOutput
-from esp.engine.protocol import MigrateKV, PrefillBatch, Step
+from esp.engine.protocol import MigrateKV, MixedBatch, PrefillBatch, Step
 from esp.engine.request import Request
 from esp.engine.sampling_params import SamplingParams
 from esp.engine.scheduler import Scheduler
@@ -43,16 +43,19 @@ class StepStat:
     comm_s: float
     wall_s: float
     start_s: float = 0.0
+    iterations: int = 1
 
     @classmethod
     def of(cls, step: Step, result, wall_s: float, start_s: float = 0.0) -> StepStat:
         if isinstance(step, PrefillBatch):
             kind, tokens = "prefill", sum(len(s.token_ids) for s in step.seqs)
+        elif isinstance(step, MixedBatch):
+            kind, tokens = "mixed", sum(len(s.token_ids) for s in step.seqs) + len(step.decode)
         elif isinstance(step, MigrateKV):
             kind, tokens = "migrate", len(step.src_slots)
         else:
-            kind, tokens = "decode", len(step.seqs)
-        return cls(kind, step.group, tokens, result.compute_s, result.comm_s, wall_s, start_s)
+            kind, tokens = "decode", len(step.rows)
+        return cls(kind, step.group, tokens, result.compute_s, result.comm_s, wall_s, start_s, result.iterations)
 _LONG_TEXT = 8192
 _MAX_STEP_FAILURES = 2
 requests_log = logging.getLogger("esp.requests")
@@ -119,6 +122,7 @@ class Engine:
         except BackendError as err:
             raise EngineStartError(f"the workers failed to start: {err}") from None
         self.backend.on_failure = self._on_backend_failure
+        self.backend.on_tokens = self._on_tokens
         self.tokenizer = self.backend.tokenizer
         slots = list(self.backend.kv_slots)
         waiting_tokens = self.config.max_waiting_tokens or 4 * sum(slots)
@@ -167,7 +171,6 @@ class Engine:
         ended = [self.scheduler.end(rid, reason, detail if reason == "error" else None)
                  for rid in list(self.scheduler.requests)]
         self._deliver(ended)
-        self._flush_releases()
         return len(ended)
 
     async def __aenter__(self) -> Engine:
@@ -252,7 +255,8 @@ class Engine:
         req = self.scheduler.abort(rid)
         if req is not None:
             self._deliver([req])
-        self._flush_releases()
+        else:
+            self.backend.new_work()  # it is in a round: end the round so its row stops
         self._wake.set()
         return True
 
@@ -294,18 +298,22 @@ class Engine:
 
     async def _loop(self) -> None:
         while True:
-            if self._state != "recovering":
-                t0 = time.perf_counter()
-                steps, failed = self.scheduler.schedule()
-                self._schedule_s += time.perf_counter() - t0
-                self._deliver(failed)
-                self._flush_releases()
-                for step in steps:
-                    task = asyncio.create_task(self._execute(step))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+            self._plan()
             await self._wake.wait()
             self._wake.clear()
+
+    def _plan(self) -> None:
+        """schedule -> launch: each step runs in a task of its own."""
+        if self._state == "recovering":
+            return
+        t0 = time.perf_counter()
+        steps, failed = self.scheduler.schedule()
+        self._schedule_s += time.perf_counter() - t0
+        for step in steps:
+            task = asyncio.create_task(self._execute(step))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        self._deliver(failed)
 
     async def _execute(self, step: Step) -> None:
         clock = asyncio.get_running_loop().time
@@ -321,9 +329,15 @@ class Engine:
             log.exception("step %d on %s failed", step.step_id, step.group)
             touched = self.scheduler.fail(step.step_id, f"internal error: {type(err).__name__}: {err}", 1) \
                 if step.step_id in self.scheduler.in_flight else []
+        self._plan()  # the next steps start before this one's outputs are streamed
         self._deliver(touched)
-        self._flush_releases()
-        self._wake.set()
+
+    def _on_tokens(self, step_id: int, sampled: dict[int, int]) -> None:
+        """Tokens of a round's iteration: stream them; a request that ended ends the round."""
+        touched = self.scheduler.apply_tokens(step_id, sampled)
+        if any(r.finish_reason for r in touched):
+            self.backend.end_round(step_id)
+        self._deliver(touched)
 
     # -- recovery -----------------------------------------------------------------------
     def _on_backend_failure(self, reason: str) -> None:
@@ -372,10 +386,6 @@ class Engine:
                                   req.external_id, out.prompt_tokens, out.completion_tokens, _secs(t.ttft_s),
                                   _secs(t.e2e_s), (out.esp or {}).get("prefill_group"), out.finish_reason,
                                   f" error={out.error!r}" if out.error else "")
-
-    def _flush_releases(self) -> None:
-        for rank, ids in self.scheduler.take_releases().items():
-            self.backend.release(rank, tuple(ids))
 
     def default_cost_model(self) -> CostModel:
         """A roofline from the model's shape: about 20 GFLOP/s per CPU thread, or H100-class

@@ -109,6 +109,13 @@ class SlotList:
         self._buf[self._len: need] = new
         self._len = need
 
+    def append(self, slot: int) -> None:
+        if self._len == len(self._buf):
+            self.extend((slot,))
+            return
+        self._buf[self._len] = slot
+        self._len += 1
+
     def drop_last(self, n: int) -> None:
         self._len -= n
 

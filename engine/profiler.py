@@ -2,8 +2,8 @@
 
 The profiler is the only user of the workers while it runs, so it sends hand-built steps
 straight to a `WorkerGroup` and picks the KV slots itself: a bump allocator per instance,
-reset (with `Release` for every request it created) between measurements, so pools never
-overflow. KV contents are irrelevant; only the shapes of the work matter. Times are the
+reset (the next step releases every request it created) between measurements, so pools
+never overflow. KV contents are irrelevant; only the shapes of the work matter. Times are the
 main process's wall time from sending a step to the last `StepDone`: what the scheduler sees.
 Progress (each phase and measured point, with the elapsed time) goes to the `esp.profiler`
 logger at INFO, which `esp-run profile` shows on stderr.
@@ -16,7 +16,7 @@ import logging
 import random
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from esp.engine import protocol as msg
 from esp.engine.workers import WorkerGroup
@@ -68,6 +68,7 @@ class Profiler:
         self._rid = itertools.count(1)
         self._next: list[int] = [0] * config.instances
         self._live: list[set[int]] = [set() for _ in range(config.instances)]
+        self._released: dict[int, set[int]] = {}
         self._rng = random.Random(0)
         self._t0 = time.perf_counter()
 
@@ -99,11 +100,14 @@ class Profiler:
 
     def reset(self) -> None:
         for rank, ids in enumerate(self._live):
-            self.group.release(rank, tuple(sorted(ids)))
+            if ids:
+                self._released.setdefault(rank, set()).update(ids)
             ids.clear()
         self._next = [0] * self.config.instances
 
     async def timed(self, step) -> float:
+        released = {r: tuple(sorted(self._released.pop(r))) for r in step.group if r in self._released}
+        step = replace(step, released=released)
         t0 = time.perf_counter()
         await self.group.run(step)
         return time.perf_counter() - t0
@@ -136,10 +140,11 @@ class Profiler:
             for i, rid in enumerate(rids):
                 master = group[i % len(group)]
                 pos = kv_len + grown[rid]
-                seqs.append(msg.DecodeSeq(rid, 5, pos, master, self.alloc(master, 1, rid)[0], group,
-                                      msg.SampleSpec(GREEDY, 0, 1)))
+                seqs.append(msg.DecodeSeq(rid, 5, pos, master, self.alloc(master, 1, rid)[0], group, 1))
                 grown[rid] += 1
-            times.append(await self.timed(msg.DecodeBatch(next(self._step), group, tuple(seqs))))
+            step = msg.DecodeBatch(next(self._step), group, msg.DecodeRows.of(seqs),
+                                   sampling={rid: (GREEDY, 0) for rid in rids})
+            times.append(await self.timed(step))
         return statistics.median(times)
 
     async def profile_prefill(self) -> list[fit.PrefillSample]:

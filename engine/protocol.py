@@ -1,12 +1,16 @@
 """Messages between the main process and the workers (DESIGN 3).
 
-Small picklable dataclasses holding lists, never tensors. A request's prompt travels once,
-with its prefill; decode steps carry one token id and one slot per request.
+Small picklable dataclasses holding lists and `array('q')` columns, never tensors. One
+message type per step kind. Messages carry deltas: a request's prompt and sampling
+parameters travel once (with its prefill, or the first time a master decodes it), a decode
+row is a handful of integers, and the requests the main process has forgotten ride on the
+next step an instance receives (`released`) instead of a message of their own.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Sequence
+from array import array
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
 
 from esp.engine.sampling_params import SamplingParams
 
@@ -32,12 +36,10 @@ class KeepRange:
 
 @dataclass(frozen=True)
 class DecodeSeq:
-    """One decode token: `master` embeds `token_id` at `position`, stores its KV in `slot`.
-
-    `holders` are the ranks (master included) that hold KV of this request after the store.
-    In a multi-step batch, iteration k > 0 feeds back the token the master sampled and stores
-    into `next_slots[k - 1]` on the master.
-    """
+    """One decode row, as the scheduler plans it: `master` embeds `token_id` at `position` and
+    stores its KV in `slot`; `holders` are the ranks (master included) that hold KV of the
+    request after the store; `index` is the number of the output token it samples. Iteration
+    k > 0 of a multi-step round stores into `next_slots[k - 1]`."""
 
     request_id: int
     token_id: int
@@ -45,26 +47,74 @@ class DecodeSeq:
     master: int
     slot: int
     holders: tuple[int, ...]
-    sample: SampleSpec
+    index: int = 0
     next_slots: tuple[int, ...] = ()
 
-    def advance(self, k: int, token_id: int) -> DecodeSeq:
-        """This sequence at iteration `k` of a multi-step batch, fed `token_id`."""
-        s = self.sample
-        return replace(self, token_id=token_id, position=self.position + k, slot=self.next_slots[k - 1],
-                       sample=SampleSpec(s.params, s.seed, s.index + k), next_slots=())
+
+def _q(values=()) -> array:
+    return array("q", values)
+
+
+@dataclass(frozen=True)
+class DecodeRows:
+    """Decode rows as columns (one `array('q')` each; they pickle as bytes). `holders` is a
+    bit mask of ranks; `next_slots` holds `steps - 1` slots per row, row after row."""
+
+    request_ids: array = field(default_factory=_q)
+    token_ids: array = field(default_factory=_q)
+    positions: array = field(default_factory=_q)
+    masters: array = field(default_factory=_q)
+    slots: array = field(default_factory=_q)
+    holders: array = field(default_factory=_q)
+    indices: array = field(default_factory=_q)
+    next_slots: array = field(default_factory=_q)
+
+    def append(self, seq: DecodeSeq) -> None:
+        self.request_ids.append(seq.request_id)
+        self.token_ids.append(seq.token_id)
+        self.positions.append(seq.position)
+        self.masters.append(seq.master)
+        self.slots.append(seq.slot)
+        self.holders.append(sum(1 << r for r in seq.holders))
+        self.indices.append(seq.index)
+        self.next_slots.extend(seq.next_slots)
+
+    @classmethod
+    def of(cls, seqs: Sequence[DecodeSeq]) -> DecodeRows:
+        rows = cls()
+        for s in seqs:
+            rows.append(s)
+        return rows
+
+    def __len__(self) -> int:
+        return len(self.request_ids)
+
+    def seq(self, i: int, steps: int = 1) -> DecodeSeq:
+        mask = self.holders[i]
+        return DecodeSeq(self.request_ids[i], self.token_ids[i], self.positions[i], self.masters[i],
+                         self.slots[i], tuple(r for r in range(mask.bit_length()) if mask >> r & 1),
+                         self.indices[i], tuple(self.next_slots[i * (steps - 1): (i + 1) * (steps - 1)]))
+
+    def kv_tokens(self) -> int:
+        """Keys attended in the first iteration: every row's position + 1."""
+        return sum(self.positions) + len(self)
+
+
+Released = Mapping[int, tuple[int, ...]]
+"""`{rank: request ids}`: requests whose state that member of the group drops before the step
+(the main process already freed their slots)."""
 
 
 @dataclass(frozen=True)
 class PrefillSeq:
     """Prompt tokens at global positions `[start, start + len(token_ids))` of a request.
 
-    `start > 0` is a chunk over KV the group already holds (chunked prefill, one-instance groups);
-    `sample` is None for a chunk that does not end the prompt.
+    `start > 0` is a chunk over KV the instance already holds (`MixedBatch` only); `sample` is
+    None for a chunk that does not end the prompt.
     """
 
     request_id: int
-    token_ids: list[int]
+    token_ids: Sequence[int]
     keep: tuple[KeepRange, ...]
     sample: SampleSpec | None
     start: int = 0
@@ -72,32 +122,47 @@ class PrefillSeq:
 
 @dataclass(frozen=True)
 class PrefillBatch:
-    """Striped prefill of `seqs` on `group`: global token g lives on `group[g % len(group)]`.
-
-    `decode` rides along in the same forward pass (chunked prefill mixed into decode, Sarathi
-    style); like chunks over cached KV it needs a one-instance group.
-    """
+    """Striped prefill of whole prompts `seqs` on `group`: global token g lives on
+    `group[g % len(group)]`. Every member learns each request's sampling parameters."""
 
     step_id: int
     group: tuple[int, ...]
     seqs: tuple[PrefillSeq, ...]
-    decode: tuple[DecodeSeq, ...] = ()
+    released: Released = field(default_factory=dict)
 
-    @property
-    def mixed(self) -> bool:
-        """Chunks or decode riders: the step runs as `MixedStep` on its one instance."""
-        return bool(self.decode) or any(s.start or s.sample is None for s in self.seqs)
+
+@dataclass(frozen=True)
+class MixedBatch:
+    """Prompt chunks over cached KV plus decode riders in one forward pass on one instance
+    (chunked prefill, Sarathi / SplitFuse style)."""
+
+    step_id: int
+    group: tuple[int, ...]
+    seqs: tuple[PrefillSeq, ...]
+    decode: DecodeRows = field(default_factory=DecodeRows)
+    sampling: Mapping[int, tuple[SamplingParams, int]] = field(default_factory=dict)
+    released: Released = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class DecodeBatch:
-    """`steps` decode iterations in one round trip (multi-step scheduling): the masters feed
-    each sampled token back; the step returns a list of `steps` tokens per request."""
+    """`steps` decode iterations in one round trip (a round): masters feed each sampled token
+    back, stream every iteration's tokens but the last as `DecodeTokens`, and answer with the
+    last in `StepDone`. The group's first member (its leader) ends the round early, after the
+    iteration in progress, when the main process sends `EndRound`; it tells the others.
+    `sampling` gives `(params, seed)` of the requests a master has not decoded or prefilled."""
 
     step_id: int
     group: tuple[int, ...]
-    seqs: tuple[DecodeSeq, ...]
+    rows: DecodeRows
     steps: int = 1
+    sampling: Mapping[int, tuple[SamplingParams, int]] = field(default_factory=dict)
+    released: Released = field(default_factory=dict)
+
+    @property
+    def seqs(self) -> tuple[DecodeSeq, ...]:
+        """The rows as `DecodeSeq`s (for tests and tools; the worker reads the columns)."""
+        return tuple(self.rows.seq(i, self.steps) for i in range(len(self.rows)))
 
 
 @dataclass(frozen=True)
@@ -112,21 +177,18 @@ class MigrateKV:
     src_slots: Sequence[int]
     dst_slots: Sequence[int]
     chunk: int = 4096
+    released: Released = field(default_factory=dict)
 
     @property
     def group(self) -> tuple[int, ...]:
         return (self.src, self.dst)
 
-    @property
-    def seqs(self) -> tuple:
-        return ()
-
 
 @dataclass(frozen=True)
-class Release:
-    """Forget these requests' local slot lists (the main process already freed the slots)."""
+class EndRound:
+    """Sent to the leader of a multi-step round: stop after the iteration in progress."""
 
-    request_ids: tuple[int, ...]
+    step_id: int
 
 
 @dataclass(frozen=True)
@@ -143,15 +205,26 @@ class Ready:
 
 
 @dataclass(frozen=True)
-class StepDone:
-    """One group member's part of a step: the tokens it sampled, and where its time went."""
+class DecodeTokens:
+    """A master's tokens of one iteration of a round, streamed before the round ends."""
 
     step_id: int
     rank: int
-    sampled: dict[int, int | list[int]]
+    sampled: dict[int, int]
+
+
+@dataclass(frozen=True)
+class StepDone:
+    """One group member's part of a step: the tokens it sampled (in a round: of its last
+    iteration), how many iterations ran, and where its time went."""
+
+    step_id: int
+    rank: int
+    sampled: dict[int, int]
     compute_s: float
     comm_s: float = 0.0
     failed: dict[int, str] = field(default_factory=dict)
+    iterations: int = 1
 
 
 @dataclass(frozen=True)
@@ -162,4 +235,4 @@ class WorkerFailed:
     traceback: str = ""
 
 
-Step = PrefillBatch | DecodeBatch | MigrateKV
+Step = PrefillBatch | MixedBatch | DecodeBatch | MigrateKV

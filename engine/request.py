@@ -20,7 +20,8 @@ class Status(enum.Enum):
 @dataclass
 class Request:
     """Owned by the scheduler. `placement` is `{rank: array('q') of slots}` in position order, with ranks
-    in the order their ranges appear in the sequence. Times come from `clock` (the event
+    in the order their ranges appear in the sequence; `sampling_on` the ranks whose worker
+    has its sampling parameters (they, and the holders, forget it when it is freed). Times come from `clock` (the event
     loop's, which is virtual under the simulator)."""
 
     id: int
@@ -37,6 +38,7 @@ class Request:
     status: Status = Status.WAITING
     placement: dict[int, array] = field(default_factory=dict)
     placement_version: int = 0
+    sampling_on: set[int] = field(default_factory=set)
     first_token_at: float | None = None
     finished_at: float | None = None
     finish_reason: str | None = None
@@ -90,6 +92,12 @@ class Request:
             self.text += self.detokenizer.flush()
             self.finish("length")
 
+    def record_decode(self, group: tuple[int, ...], master: int, steps: int) -> None:
+        """`steps` decode iterations on `group` with `master` (for `usage.esp`)."""
+        groups, masters = self.esp["decode_groups"], self.esp["masters"]
+        groups[group] = groups.get(group, 0) + steps
+        masters[master] = masters.get(master, 0) + steps
+
     def finish(self, reason: str, error: str | None = None) -> None:
         self.status = Status.FINISHED
         self.finish_reason = reason
@@ -125,5 +133,5 @@ class Request:
         return {"prefill_group": e["prefill"][-1]["group"] if e["prefill"] else None,
                 "keep_plan": e["prefill"][-1]["keep"] if e["prefill"] else None,
                 "decode_groups": {",".join(map(str, g)): n for g, n in e["decode_groups"].items()},
-                "masters": dict(e["masters"]), "scale_events": list(e["scale_events"]),
+                "masters": {str(m): n for m, n in e["masters"].items()}, "scale_events": list(e["scale_events"]),
                 "preemptions": e["preemptions"], "recomputed": self.recomputed}

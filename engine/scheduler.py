@@ -14,9 +14,8 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 from esp.engine.kv_pool import SlotAllocator
-from esp.engine.protocol import (DecodeBatch, DecodeSeq, KeepRange, MigrateKV, PrefillBatch, PrefillSeq,
-                                 SampleSpec,
-                                 Step)
+from esp.engine.protocol import (DecodeBatch, DecodeRows, DecodeSeq, KeepRange, MigrateKV, MixedBatch, PrefillBatch,
+                                 PrefillSeq, SampleSpec, Step)
 from esp.engine.request import Request, Status
 from esp.engine.validation import (PolicyViolation, check_decode, check_decode_batches, check_dispatch,
                                    check_keep_plan, check_migrations, check_riders)
@@ -207,7 +206,7 @@ class Scheduler:
         return [self._prefill_step(batch, plan.ranges, rider)
                 for (batch, plan), rider in zip(plans, riders)]
 
-    def _prefill_step(self, batch: Batch, ranges, riders: DecodePlan | None) -> PrefillBatch:
+    def _prefill_step(self, batch: Batch, ranges, riders: DecodePlan | None) -> PrefillBatch | MixedBatch:
         """Prefill (or a chunk of it: tokens after the KV a request holds) with decode riders."""
         seqs = []
         for rid in batch.request_ids:
@@ -219,6 +218,7 @@ class Scheduler:
                 self.waiting.remove(req)
                 req.status = Status.RUNNING
                 self.running[rid] = req
+                req.sampling_on.update(batch.group)
             req.in_flight = True
             if req.scheduled_at is None:
                 req.scheduled_at = self.clock()
@@ -236,9 +236,14 @@ class Scheduler:
             req.esp["prefill"].append(record)
             seqs.append(PrefillSeq(rid, req.all_ids[first:end], tuple(keep),
                                    self._sample_spec(req) if final else None, first))
-        decode = self._decode_seqs(batch.decode_ids, riders) if riders else ()
-        step = PrefillBatch(self._step_id(), batch.group, tuple(seqs), decode)
-        return self._launch(step, Batch(batch.request_ids + tuple(d.request_id for d in decode), batch.group))
+        ids = batch.request_ids
+        if riders or any(s.start or s.sample is None for s in seqs):
+            rows, sampling = self._decode_rows(batch.decode_ids, riders) if riders else (DecodeRows(), {})
+            step = MixedBatch(self._step_id(), batch.group, tuple(seqs), rows, sampling)
+            ids += tuple(rows.request_ids)
+        else:
+            step = PrefillBatch(self._step_id(), batch.group, tuple(seqs))
+        return self._launch(step, Batch(ids, batch.group))
 
     def _schedule_decode(self, view: ClusterView) -> list[Step]:
         """Decode batches on disjoint groups; each batch's plan sees the instances that the
@@ -266,9 +271,9 @@ class Scheduler:
 
     def _decode_step(self, batch: Batch, plan: DecodePlan) -> DecodeBatch:
         steps = self._decode_steps(plan)
-        seqs = self._decode_seqs(batch.request_ids, plan, steps)
-        return self._launch(DecodeBatch(self._step_id(), tuple(plan.group), seqs, steps),
-                            Batch(tuple(s.request_id for s in seqs), tuple(plan.group)))
+        rows, sampling = self._decode_rows(batch.request_ids, plan, steps)
+        return self._launch(DecodeBatch(self._step_id(), tuple(plan.group), rows, steps, sampling),
+                            Batch(tuple(rows.request_ids), tuple(plan.group)))
 
     def _decode_steps(self, plan: DecodePlan) -> int:
         """Iterations for a multi-step batch: at most `decode_steps`, no more than any request
@@ -281,28 +286,33 @@ class Scheduler:
         room = min((self.allocators[m].num_free // n for m, n in per_master.items()), default=1)
         return max(1, min(self.decode_steps, left, room))
 
-    def _decode_seqs(self, request_ids: tuple[int, ...], plan: DecodePlan, steps: int = 1) -> tuple[DecodeSeq, ...]:
-        seqs = []
+    def _decode_rows(self, request_ids: tuple[int, ...], plan: DecodePlan, steps: int = 1
+                     ) -> tuple[DecodeRows, dict]:
+        """The batch's rows, and `(params, seed)` of the requests whose master has not got them."""
+        rows, sampling = DecodeRows(), {}
+        group = tuple(plan.group)
         for rid in request_ids:
             if rid not in plan.masters:
                 continue
             req, master = self.requests[rid], plan.masters[rid]
-            slot, *more = self.allocators[master].allocate(steps)
+            slots = self.allocators[master].allocate(steps)
             position = req.num_kv
             if master not in req.placement:
                 req.esp["scale_events"].append({"kind": "scale_up", "rank": master, "at_token": position})
-            slots = req.placement.pop(master, array("q"))
+                held = array("q")
+            else:
+                held = req.placement.pop(master)
+            held.extend(slots)
+            req.placement[master] = held
             req.placement_version += 1
-            slots.append(slot)
-            slots.extend(more)
-            req.placement[master] = slots
             req.in_flight = True
-            key = tuple(plan.group)
-            req.esp["decode_groups"][key] = req.esp["decode_groups"].get(key, 0) + steps
-            req.esp["masters"][str(master)] = req.esp["masters"].get(str(master), 0) + steps
-            seqs.append(DecodeSeq(rid, req.output_ids[-1], position, master, slot,
-                                  tuple(req.placement), self._sample_spec(req), tuple(more)))
-        return tuple(seqs)
+            if master not in req.sampling_on:
+                sampling[rid] = (req.params, req.seed)
+                req.sampling_on.add(master)
+            req.record_decode(group, master, steps)
+            rows.append(DecodeSeq(rid, req.output_ids[-1], position, master, slots[0], tuple(req.placement),
+                                  len(req.output_ids), tuple(slots[1:])))
+        return rows, sampling
 
     def _free_unused(self, req: Request, step: DecodeBatch, produced: int) -> None:
         """A multi-step round that ended early (the simulator's, on a new arrival) leaves the
@@ -310,7 +320,7 @@ class Scheduler:
         surplus = step.steps - produced
         if surplus <= 0:
             return
-        master = next(s.master for s in step.seqs if s.request_id == req.id)
+        master = step.rows.masters[step.rows.request_ids.index(req.id)]
         slots = req.placement[master]
         self.allocators[master].free(slots[-surplus:])
         del slots[-surplus:]
@@ -376,16 +386,34 @@ class Scheduler:
         return True
 
     # -- update -------------------------------------------------------------------------
+    def apply_tokens(self, step_id: int, sampled: dict[int, int]) -> list[Request]:
+        """Tokens streamed from an iteration of a round still in flight (`DecodeTokens`).
+        Returns the requests that got one; a request that ends here stays in the step until
+        it completes, and later tokens of it are dropped."""
+        if step_id not in self.in_flight:
+            return []
+        touched = []
+        for rid, token in sampled.items():
+            req = self.requests.get(rid)
+            if req is None or req.finish_reason or req.abort_requested:
+                continue
+            req.append(token)
+            touched.append(req)
+        return touched
+
     def complete(self, step_id: int, sampled: dict[int, int | list[int]],
                  failed: dict[int, str] | None = None) -> list[Request]:
         """Apply a finished step. Returns the requests that got a token or ended. `failed`
         requests failed alone inside the step (sampling): they end with that error."""
         flight = self.in_flight.pop(step_id)
-        self.busy -= set(flight.step.group)
-        if isinstance(flight.step, MigrateKV):
-            req = self._complete_migration(flight.step)
+        step = flight.step
+        self.busy -= set(step.group)
+        if isinstance(step, MigrateKV):
+            req = self._complete_migration(step)
             return [req] if req.finish_reason else []
         failed = failed or {}
+        first = dict(zip(step.rows.request_ids, step.rows.indices)) \
+            if isinstance(step, DecodeBatch) and step.steps > 1 else None
         touched = []
         for rid in flight.request_ids:
             req = self.requests[rid]
@@ -394,6 +422,8 @@ class Scheduler:
                 self._finish(req, "abort")
             elif rid in failed:
                 self._finish(req, "error", failed[rid])
+            elif req.finish_reason:  # it ended on a token streamed earlier in the round
+                self._finish(req, req.finish_reason)
             elif rid in sampled:
                 tokens = sampled[rid] if isinstance(sampled[rid], list) else [sampled[rid]]
                 for token in tokens:
@@ -402,8 +432,8 @@ class Scheduler:
                         self._finish(req, req.finish_reason)
                         break
                 else:
-                    if isinstance(flight.step, DecodeBatch):
-                        self._free_unused(req, flight.step, len(tokens))
+                    if first is not None:
+                        self._free_unused(req, step, len(req.output_ids) - first[rid])
             elif req.status is Status.WAITING:
                 self.waiting.touch()
                 continue
@@ -459,6 +489,7 @@ class Scheduler:
         for req in sorted(self.requests.values(), key=lambda r: (r.arrival, r.id)):
             held = bool(req.placement) or req.status is Status.RUNNING
             req.placement = {}
+            req.sampling_on = set()
             req.placement_version += 1
             if held:
                 req.recomputed += 1
@@ -472,6 +503,11 @@ class Scheduler:
 
     # -- helpers ------------------------------------------------------------------------
     def _launch(self, step: Step, batch: Batch) -> Step:
+        """Mark the step's instances busy and its requests in it; the releases pending for its
+        members ride on it."""
+        released = {r: tuple(self.releases.pop(r)) for r in step.group if r in self.releases}
+        if released:
+            step = replace(step, released=released)
         self.busy |= set(step.group)
         self.in_flight[step.step_id] = InFlight(step, batch.request_ids)
         return step
@@ -495,15 +531,14 @@ class Scheduler:
         self._views.pop(req.id, None)
 
     def _free(self, req: Request) -> None:
+        """Free the request's slots; the instances that know it forget it with their next step."""
         for rank, slots in req.placement.items():
             self.allocators[rank].free(slots)
+        for rank in req.sampling_on.union(req.placement):
             self.releases.setdefault(rank, []).append(req.id)
         req.placement = {}
+        req.sampling_on = set()
         req.placement_version += 1
-
-    def take_releases(self) -> dict[int, list[int]]:
-        out, self.releases = self.releases, {}
-        return out
 
     def free_slots(self) -> list[int]:
         return [a.num_free for a in self.allocators]

@@ -15,7 +15,7 @@ from functools import singledispatch
 from typing import Awaitable, Sequence, TypeVar
 
 from esp.engine.backend import StepResult
-from esp.engine.protocol import DecodeBatch, MigrateKV, PrefillBatch, Step
+from esp.engine.protocol import DecodeBatch, MigrateKV, MixedBatch, PrefillBatch, Step
 from esp.policies.cost_model import CostModel
 
 T = TypeVar("T")
@@ -72,16 +72,19 @@ def step_time(step: object, cost: CostModel) -> float:
 
 @step_time.register
 def _(step: PrefillBatch, cost: CostModel) -> float:
-    if step.mixed:
-        return cost.chunked_time([(s.start, len(s.token_ids)) for s in step.seqs], len(step.decode),
-                                 sum(d.position + 1 for d in step.decode))
     return cost.prefill_time([len(s.token_ids) for s in step.seqs], len(step.group))
+
+
+@step_time.register
+def _(step: MixedBatch, cost: CostModel) -> float:
+    return cost.chunked_time([(s.start, len(s.token_ids)) for s in step.seqs], len(step.decode),
+                             step.decode.kv_tokens())
 
 
 def iteration_times(step: DecodeBatch, cost: CostModel) -> list[float]:
     """Predicted time of each iteration of a (multi-step) decode batch; the KV grows by one
     token per request per iteration."""
-    batch, kv = len(step.seqs), sum(s.position + 1 for s in step.seqs)
+    batch, kv = len(step.rows), step.rows.kv_tokens()
     return [cost.decode_time(batch, kv + k * batch, len(step.group)) for k in range(step.steps)]
 
 
@@ -102,12 +105,17 @@ def sampled_ids(step: object) -> list[int]:
 
 @sampled_ids.register
 def _(step: PrefillBatch) -> list[int]:
-    return [s.request_id for s in step.seqs if s.sample is not None] + [d.request_id for d in step.decode]
+    return [s.request_id for s in step.seqs]
+
+
+@sampled_ids.register
+def _(step: MixedBatch) -> list[int]:
+    return [s.request_id for s in step.seqs if s.sample is not None] + list(step.decode.request_ids)
 
 
 @sampled_ids.register
 def _(step: DecodeBatch) -> list[int]:
-    return [s.request_id for s in step.seqs]
+    return list(step.rows.request_ids)
 
 
 class SyntheticPrompt(Sequence[int]):
@@ -147,6 +155,7 @@ class SimBackend:
         self.max_model_len = max_model_len or int(cost.meta.get("max_context") or 0)
         self.dead: str | None = None
         self.on_failure = None
+        self.on_tokens = None
         self._arrival = asyncio.Event()
 
     @classmethod
@@ -186,10 +195,11 @@ class SimBackend:
         else:
             done = bisect_left(ends, loop.time() - start) + 1
             await asyncio.sleep(max(0.0, start + ends[done - 1] - loop.time()))
-        return StepResult(step.step_id, dict.fromkeys(sampled_ids(step), [SIM_TOKEN] * done), ends[done - 1], 0.0)
+        return StepResult(step.step_id, dict.fromkeys(sampled_ids(step), [SIM_TOKEN] * done), ends[done - 1], 0.0,
+                          iterations=done)
 
-    def release(self, rank: int, request_ids: tuple[int, ...]) -> None:
-        return None
+    def end_round(self, step_id: int) -> None:
+        """Simulated rounds report their tokens at the end; only arrivals end them early."""
 
     async def shutdown(self) -> None:
         return None

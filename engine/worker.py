@@ -10,7 +10,7 @@ import signal
 import threading
 import time
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import singledispatchmethod
 
 import torch
@@ -19,8 +19,9 @@ from esp.engine.attention import DistributedDecode, StripedPrefill
 from esp.engine.chunked import MixedStep
 from esp.engine.comm import PeerComm
 from esp.engine.kv_pool import KVPool, SlotList
-from esp.engine.protocol import (DecodeBatch, MigrateKV, PrefillBatch, Ready, Release, SampleSpec, Shutdown,
-                                 StepDone, WorkerFailed)
+from esp.engine.protocol import (DecodeBatch, DecodeTokens, EndRound, MigrateKV, MixedBatch, PrefillBatch, Ready,
+                                 SampleSpec, Shutdown, StepDone, WorkerFailed)
+from esp.engine.sampling_params import SamplingParams
 from esp.engine.sampling import SamplingError, sample_tokens
 
 
@@ -40,11 +41,15 @@ class WorkerSpec:
 
 
 class Worker:
-    def __init__(self, spec: WorkerSpec) -> None:
+    """Executes steps. Per request it keeps its local slot list and, once told, its sampling
+    parameters; both are forgotten when a step lists the request in `released`."""
+
+    def __init__(self, spec: WorkerSpec, conn=None) -> None:
         from esp.engine.loader import load_model, resolve_dtype
 
         self.spec = spec
         self.rank = spec.rank
+        self.conn = conn
         self.device = torch.device(spec.device)
         self.model = load_model(spec.model_dir, resolve_dtype(spec.dtype, self.device), self.device)
         cfg = self.model.config
@@ -52,8 +57,10 @@ class Worker:
         slots = spec.kv_slots or self._slots_from_free_memory(cfg, dtype)
         self.pool = KVPool(cfg.num_hidden_layers, slots, cfg.num_key_value_heads, cfg.head_dim, dtype, self.device)
         self.local: dict[int, SlotList] = {}
+        self.sampling: dict[int, tuple[SamplingParams, int]] = {}
         self.comm = PeerComm(self.rank)
         self.failed: dict[int, str] = {}
+        self.backlog: list[object] = []
 
     def _slots_from_free_memory(self, cfg, dtype: torch.dtype, fraction: float = 0.85) -> int:
         """On a GPU: most of the memory left after loading the model."""
@@ -61,19 +68,29 @@ class Worker:
         per_slot = KVPool.bytes_per_slot(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, dtype)
         return max(1, int(free * fraction) // per_slot)
 
+    def run(self, msg: object) -> object:
+        """Forget what the step releases, then execute it."""
+        for rid in getattr(msg, "released", {}).get(self.rank, ()):
+            self.local.pop(rid, None)
+            self.sampling.pop(rid, None)
+        return self.handle(msg)
+
     @singledispatchmethod
     def handle(self, msg: object) -> object:
         raise TypeError(f"worker {self.rank}: unknown message {type(msg).__name__}")
 
     @handle.register
+    def _(self, msg: EndRound) -> None:
+        """The round it names already ended."""
+
+    @handle.register
     def _(self, msg: PrefillBatch) -> StepDone:
-        if msg.mixed:
-            return self._mixed(msg)
         t0 = time.perf_counter()
         ctx = StripedPrefill(msg, self.rank, self.pool, self.comm, self.device)
         ids = torch.tensor([t for s in msg.seqs for t in s.token_ids[ctx.index::len(msg.group)]],
                            dtype=torch.int64, device=self.device)
         for s in msg.seqs:
+            self.sampling[s.request_id] = (s.sample.params, s.sample.seed)
             for kr in s.keep:
                 if kr.rank == self.rank:
                     self.local.setdefault(s.request_id, SlotList(self.device)).extend(kr.slots)
@@ -85,40 +102,73 @@ class Worker:
             sampled = self._sample(hidden[rows], [s.request_id for s in owned], [s.sample for s in owned])
         return self._done(msg.step_id, sampled, t0)
 
-    def _mixed(self, msg: PrefillBatch) -> StepDone:
+    @handle.register
+    def _(self, msg: MixedBatch) -> StepDone:
         t0 = time.perf_counter()
+        self.sampling.update(msg.sampling)
+        for s in msg.seqs:
+            if s.sample is not None:
+                self.sampling[s.request_id] = (s.sample.params, s.sample.seed)
         ctx = MixedStep(msg, self.rank, self.pool, self.local, self.device)
+        rows = msg.decode
         with torch.inference_mode():
             hidden = self.model(ctx.input_ids, ctx.positions, ctx)
-            ids = list(ctx.last_rows) + [d.request_id for d in msg.decode]
-            rows = list(ctx.last_rows.values()) + list(range(ctx.num_prefill, len(ctx.input_ids)))
-            specs = [s.sample for s in msg.seqs if s.sample is not None] + [d.sample for d in msg.decode]
-            sampled = self._sample(hidden[torch.tensor(rows, dtype=torch.int64, device=self.device)], ids, specs)
+            ids = list(ctx.last_rows) + list(rows.request_ids)
+            idx = list(ctx.last_rows.values()) + list(range(ctx.num_prefill, len(ctx.input_ids)))
+            specs = [s.sample for s in msg.seqs if s.sample is not None] + \
+                [self._spec(rid, index) for rid, index in zip(rows.request_ids, rows.indices)]
+            sampled = self._sample(hidden[torch.tensor(idx, dtype=torch.int64, device=self.device)], ids, specs)
         return self._done(msg.step_id, sampled, t0)
 
     @handle.register
     def _(self, msg: DecodeBatch) -> StepDone:
+        """A round: up to `steps` iterations, each master feeding back what it sampled; the
+        tokens of every iteration but the last are streamed as they come."""
         t0 = time.perf_counter()
-        tokens: dict[int, list[int]] = {}
-        batch = msg
-        for k in range(msg.steps):
-            if k:
-                batch = replace(msg, seqs=tuple(s.advance(k, tokens[s.request_id][-1] if s.master == self.rank else 0)
-                                                for s in msg.seqs))
-            ctx = DistributedDecode(batch, self.rank, self.pool, self.local, self.comm, self.device)
+        self.sampling.update(msg.sampling)
+        rows = msg.rows
+        mine = [i for i, m in enumerate(rows.masters) if m == self.rank]
+        tokens = [rows.token_ids[i] for i in mine]
+        ran = 0
+        while True:
+            ctx = DistributedDecode(msg, ran, tokens, self.rank, self.pool, self.local, self.comm, self.device)
             with torch.inference_mode():
                 hidden = self.model(ctx.input_ids, ctx.positions, ctx)
-                sampled = self._sample(hidden, [s.request_id for s in ctx.mine], [s.sample for s in ctx.mine])
-            for rid, tok in sampled.items():
-                tokens.setdefault(rid, []).append(tok)
-        if msg.steps == 1:
-            return self._done(msg.step_id, {rid: t[0] for rid, t in tokens.items()}, t0)
-        return self._done(msg.step_id, tokens, t0)
+                specs = [self._spec(rows.request_ids[i], rows.indices[i] + ran) for i in mine]
+                sampled = self._sample(hidden, ctx.mine_ids, specs)
+            ran += 1
+            if ran == msg.steps or not self._round_goes_on(msg):
+                return self._done(msg.step_id, sampled, t0, ran)
+            tokens = [sampled.get(rid, 0) for rid in ctx.mine_ids]
+            if sampled and self.conn is not None:
+                self.conn.send(DecodeTokens(msg.step_id, self.rank,
+                                            {rid: t for rid, t in sampled.items() if rid not in self.failed}))
+
+    def _round_goes_on(self, msg: DecodeBatch) -> bool:
+        """The leader ends the round when the main process asked it to (`EndRound`) or sent
+        anything else; it tells the other members, who follow its word."""
+        flag = torch.zeros(1, dtype=torch.int64)
+        leader = msg.group[0]
+        if self.rank == leader:
+            flag[0] = int(not self._end_requested(msg.step_id))
+            self.comm.start([(r, flag) for r in msg.group[1:]], []).wait()
+        else:
+            self.comm.start([], [(leader, flag)]).wait()
+        return bool(flag[0])
+
+    def _end_requested(self, step_id: int) -> bool:
+        while self.conn is not None and self.conn.poll():
+            msg = self.conn.recv()
+            if isinstance(msg, EndRound) and msg.step_id != step_id:
+                continue  # a round that already ended
+            if not isinstance(msg, EndRound):
+                self.backlog.append(msg)
+            return True
+        return False
 
     @handle.register
     def _(self, msg: MigrateKV) -> StepDone:
         t0 = time.perf_counter()
-        local = self.local.setdefault(msg.request_id, SlotList(self.device))
         for start in range(0, len(msg.src_slots), msg.chunk):
             if self.rank == msg.src:
                 idx = torch.tensor(msg.src_slots[start: start + msg.chunk], device=self.device)
@@ -130,16 +180,18 @@ class Worker:
                 self.comm.start([], [(msg.src, block)]).wait()
                 self.pool.k[:, idx] = block[0]
                 self.pool.v[:, idx] = block[1]
-        if self.rank == msg.src:
-            local.drop_last(len(msg.src_slots))
-        else:
-            local.extend(msg.dst_slots)
+        local = self.local.get(msg.request_id)
+        if self.rank == msg.dst:
+            self.local.setdefault(msg.request_id, SlotList(self.device)).extend(msg.dst_slots)
+        elif local is not None:  # (the profiler moves KV no request holds)
+            local.drop_last(min(len(local), len(msg.src_slots)))
+            if not len(local) and msg.request_id not in self.sampling:
+                del self.local[msg.request_id]  # nothing of it is left here to release later
         return self._done(msg.step_id, {}, t0)
 
-    @handle.register
-    def _(self, msg: Release) -> None:
-        for rid in msg.request_ids:
-            self.local.pop(rid, None)
+    def _spec(self, request_id: int, index: int) -> SampleSpec:
+        params, seed = self.sampling[request_id]
+        return SampleSpec(params, seed, index)
 
     def _sample(self, hidden: torch.Tensor, request_ids: list[int], specs: list[SampleSpec]) -> dict[int, int]:
         """Tokens by request; a request whose row cannot be sampled goes to `self.failed` and,
@@ -155,11 +207,12 @@ class Worker:
             out[rid] = tok
         return out
 
-    def _done(self, step_id: int, sampled: dict, t0: float) -> StepDone:
+    def _done(self, step_id: int, sampled: dict, t0: float, iterations: int = 1) -> StepDone:
         comm_s = self.comm.end_step()
         failed, self.failed = self.failed, {}
         sampled = {rid: tok for rid, tok in sampled.items() if rid not in failed}
-        return StepDone(step_id, self.rank, sampled, time.perf_counter() - t0 - comm_s, comm_s, failed)
+        return StepDone(step_id, self.rank, sampled, time.perf_counter() - t0 - comm_s, comm_s, failed,
+                        iterations)
 
 
 def _die_with_parent() -> None:
@@ -201,7 +254,7 @@ def worker_main(spec: WorkerSpec, conn) -> None:
                 torch.cuda.set_device(torch.device(spec.device))
             dist.init_process_group(backend, init_method=spec.dist_init, rank=spec.rank,
                                     world_size=spec.world_size)
-        worker = Worker(spec)
+        worker = Worker(spec, conn)
     except Exception as exc:
         conn.send(WorkerFailed(spec.rank, None, f"worker {spec.rank} failed to start: {exc}",
                                traceback.format_exc()))
@@ -209,13 +262,13 @@ def worker_main(spec: WorkerSpec, conn) -> None:
     conn.send(Ready(spec.rank, worker.pool.num_slots, spec.device, str(worker.pool.k.dtype)))
     while True:
         try:
-            msg = conn.recv()
+            msg = worker.backlog.pop(0) if worker.backlog else conn.recv()
         except EOFError:
             break
         if isinstance(msg, Shutdown):
             break
         try:
-            reply = worker.handle(msg)
+            reply = worker.run(msg)
         except Exception as exc:
             reply = WorkerFailed(spec.rank, getattr(msg, "step_id", None),
                                  f"worker {spec.rank}: {type(exc).__name__}: {exc}", traceback.format_exc())

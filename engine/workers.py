@@ -1,7 +1,9 @@
 """Real backend: N worker processes (torch.multiprocessing, spawn) bridged into asyncio.
 
-Replies arrive through `loop.add_reader` on each worker's pipe; sends go through one writer
-thread per worker, so a large prompt never blocks the event loop (DESIGN 3). A worker that
+Replies arrive through `loop.add_reader` on each worker's pipe; sends are non-blocking writes
+from the loop (a long prompt is pickled in a thread), so nothing blocks the event loop and a
+small step reaches its worker without a thread hop (DESIGN 3). Tokens a multi-step round
+streams (`DecodeTokens`) go to `on_tokens`. A worker that
 dies or fails inside a multi-instance step takes the group down (its peers cannot finish
 the step); the engine then calls `restart()`, which reaps every process and starts a fresh
 torch.distributed job.
@@ -9,11 +11,13 @@ torch.distributed job.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
-import queue
+import pickle
 import signal
+import struct
 import threading
 import time
 from pathlib import Path
@@ -24,35 +28,88 @@ import torch.multiprocessing as mp
 
 from esp.engine.backend import BackendError, StepResult
 from esp.engine.errors import EngineStartError
-from esp.engine.protocol import Ready, Release, Shutdown, Step, StepDone, WorkerFailed
+from esp.engine.protocol import (DecodeBatch, DecodeTokens, EndRound, MixedBatch, PrefillBatch, Ready, Shutdown, Step,
+                                 StepDone, WorkerFailed)
 from esp.engine.worker import WorkerSpec, worker_main
 
 log = logging.getLogger("esp.engine")
 
 
 class _Link:
-    """The pipes to one worker: a writer thread for sends, the loop's reader for replies."""
+    """The pipes to one worker. Sends are pickled on the loop and written without blocking
+    (`multiprocessing.Connection`'s framing, so the worker reads them with `recv()`); what the
+    pipe cannot take now is written when it drains, in order. A step with a long prompt is
+    pickled in a thread, and later messages wait behind it. Replies come through the loop's
+    reader."""
+
+    BIG_TOKENS = 1 << 15
 
     def __init__(self, rank: int, send_conn, recv_conn, process) -> None:
         self.rank, self.recv_conn, self.process = rank, recv_conn, process
-        self._out: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._write, args=(send_conn,), daemon=True,
-                                        name=f"esp-writer-{rank}")
-        self._thread.start()
+        self._send_conn = send_conn
+        self._fd = send_conn.fileno()
+        os.set_blocking(self._fd, False)
+        self._out: collections.deque = collections.deque()  # bytes, memoryviews or futures of bytes
+        self._writing = False
+        self.broken = False
 
     def send(self, msg: object) -> None:
-        self._out.put(msg)
+        if self.broken:
+            return
+        if _prompt_tokens(msg) >= self.BIG_TOKENS:
+            fut = asyncio.get_running_loop().run_in_executor(None, _frame, msg)
+            fut.add_done_callback(lambda _: self._pump())
+            self._out.append(fut)
+        else:
+            self._out.append(_frame(msg))
+        self._pump()
+
+    def _pump(self) -> None:
+        while self._out and not self.broken:
+            head = self._out[0]
+            if isinstance(head, asyncio.Future):
+                if not head.done():
+                    return
+                head = self._out[0] = memoryview(head.result())
+            try:
+                n = os.write(self._fd, head)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                self.broken = True
+                self._out.clear()
+                break
+            if n < len(head):
+                self._out[0] = memoryview(head)[n:]
+                if not self._writing:
+                    asyncio.get_running_loop().add_writer(self._fd, self._pump)
+                    self._writing = True
+                return
+            self._out.popleft()
+        if self._writing:
+            asyncio.get_running_loop().remove_writer(self._fd)
+            self._writing = False
 
     def close(self) -> None:
-        self._out.put(None)
+        self.broken = True
+        self._out.clear()
+        if self._writing:
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().remove_writer(self._fd)
+        self._send_conn.close()
 
-    def _write(self, conn) -> None:
-        while (msg := self._out.get()) is not None:
-            try:
-                conn.send(msg)
-            except (BrokenPipeError, OSError):
-                return
-        conn.close()
+
+def _frame(msg: object) -> bytes:
+    """`msg` as `Connection.send` would write it: a big-endian length, then the pickle."""
+    data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+    if len(data) > 0x7FFFFFFF:
+        return struct.pack("!i", -1) + struct.pack("!Q", len(data)) + data
+    return struct.pack("!i", len(data)) + data
+
+
+def _prompt_tokens(msg: object) -> int:
+    return sum(len(s.token_ids) for s in getattr(msg, "seqs", ()) if hasattr(s, "token_ids")) \
+        if isinstance(msg, (PrefillBatch, MixedBatch)) else 0
 
 
 class WorkerGroup:
@@ -71,6 +128,8 @@ class WorkerGroup:
         self.kv_slots: list[int] = []
         self.dead: str | None = None
         self.on_failure: Callable[[str], None] | None = None
+        self.on_tokens: Callable[[int, dict[int, int]], None] | None = None
+        self._rounds: dict[int, int] = {}  # step id -> leader of a multi-step round in flight
         self.start_seconds = 0.0
         self._specs: list[WorkerSpec] = []
 
@@ -131,6 +190,8 @@ class WorkerGroup:
             self._pending[(step.step_id, rank)] = fut
             self.links[rank].send(step)
             futs.append(fut)
+        if isinstance(step, DecodeBatch) and step.steps > 1:
+            self._rounds[step.step_id] = step.group[0]
         try:
             done: list[StepDone] = await asyncio.gather(*futs)
         except BackendError as err:
@@ -138,17 +199,23 @@ class WorkerGroup:
                 self._fail_all(f"an instance failed in a step of group {step.group} ({err}); "
                                f"its peers cannot finish the step")
             raise
+        finally:
+            self._rounds.pop(step.step_id, None)
         sampled = {rid: tok for d in done for rid, tok in d.sampled.items()}
         failed = {rid: why for d in done for rid, why in d.failed.items()}
         return StepResult(step.step_id, sampled, max(d.compute_s for d in done),
-                          max(d.comm_s for d in done), failed)
+                          max(d.comm_s for d in done), failed, max(d.iterations for d in done))
 
     def new_work(self) -> None:
-        """A request arrived. Worker rounds always run to their end, so nothing changes here."""
+        """A request arrived: every multi-step round ends after its iteration in progress."""
+        for step_id in list(self._rounds):
+            self.end_round(step_id)
 
-    def release(self, rank: int, request_ids: tuple[int, ...]) -> None:
-        if not self.dead and request_ids:
-            self.links[rank].send(Release(request_ids))
+    def end_round(self, step_id: int) -> None:
+        """Ask the round `step_id` (if it is still running) to end after its iteration in progress."""
+        leader = self._rounds.pop(step_id, None)
+        if leader is not None and not self.dead:
+            self.links[leader].send(EndRound(step_id))
 
     async def shutdown(self, grace_s: float = 10.0) -> None:
         """Stop every worker and reap it: `Shutdown`, then SIGKILL after `grace_s`."""
@@ -186,6 +253,9 @@ class WorkerGroup:
     def _deliver(self, rank: int, msg: object) -> None:
         if isinstance(msg, Ready):
             self._ready[rank].set_result(msg)
+        elif isinstance(msg, DecodeTokens):
+            if self.on_tokens is not None and (msg.step_id, rank) in self._pending:
+                self.on_tokens(msg.step_id, msg.sampled)
         elif isinstance(msg, StepDone):
             fut = self._pending.pop((msg.step_id, rank), None)
             if fut is not None and not fut.done():
@@ -289,6 +359,9 @@ class _Duplex:
 
     def recv(self) -> object:
         return self._r.recv()
+
+    def poll(self) -> bool:
+        return self._r.poll()
 
     def send(self, msg: object) -> None:
         self._s.send(msg)

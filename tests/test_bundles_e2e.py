@@ -42,11 +42,13 @@ def solo():
     return tokens
 
 
-@pytest.mark.parametrize("policy, options, steps", [("loong", {}, 1), ("replicas", {}, 1), ("static-sp", {}, 1),
-                                                    ("disagg", {}, 1), ("chunked", {"chunk_size": 256}, 1),
+@pytest.mark.parametrize("policy, options, steps", [("loong", {}, None), ("replicas", {}, None),
+                                                    ("static-sp", {}, None), ("disagg", {}, None),
+                                                    ("chunked", {"chunk_size": 256}, None), ("loong", {}, 1),
                                                     ("loong", {}, 3)])
 def test_bundle_finishes_everything_with_solo_tokens(solo, policy, options, steps):
-    """`steps=3`: multi-step decode (three iterations per round trip, fed back on the masters)."""
+    """`steps`: decode iterations per round (None: the default; rounds end early on arrivals,
+    and `static-sp` runs them on 4-instance groups); 1 is one token per round trip."""
     config = EngineConfig(instances=4, dtype="float64", kv_tokens_per_instance=1500, threads_per_instance=1,
                           policy=policy, policy_options=options, decode_steps=steps)
     tokens, all_free = asyncio.run(run_all(config, sequential=False))

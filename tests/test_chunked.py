@@ -9,7 +9,7 @@ import pytest
 
 from esp.engine import EngineConfig, SamplingParams
 from esp.engine.engine import Engine
-from esp.engine.protocol import PrefillBatch
+from esp.engine.protocol import MixedBatch
 from esp.engine.scheduler import Scheduler
 from esp.policies import Batch, Dispatch, PolicyOptions, load_policy_set
 from esp.policies.chunked import ChunkedBatching, ChunkedScheduling
@@ -28,10 +28,10 @@ def test_a_long_prompt_runs_in_budget_sized_chunks_with_decodes_riding_along():
     s.complete(first[0].step_id, sampled_by(first[0]))
     s.add(long_)
     steps = run_until_idle(s)
-    mixed = [st for st in steps if isinstance(st, PrefillBatch)]
+    mixed = [st for st in steps if isinstance(st, MixedBatch)]
     # 16 tokens per step: one for the short request's decode, 15 of the prompt: 15 + 15 + 10.
     assert [[(q.start, len(q.token_ids)) for q in st.seqs] for st in mixed] == [[(0, 15)], [(15, 15)], [(30, 10)]]
-    assert all([d.request_id for d in st.decode] == [1] for st in mixed)
+    assert all(list(st.decode.request_ids) == [1] for st in mixed)
     assert [q.sample is not None for st in mixed for q in st.seqs] == [False, False, True]
     assert mixed[1].seqs[0].token_ids == long_.prompt_ids[15:30]
     assert long_.esp["prefill"][-1]["chunk"] == [30, 40]

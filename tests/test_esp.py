@@ -89,7 +89,9 @@ class ForcedScaling(ScalingPolicy):
 async def engine():
     opts = PolicyOptions()
     bundle = PolicySet("forced", OneAtATime(opts), ByLayout(opts), ForcedScaling(opts))
-    config = EngineConfig(instances=4, dtype="float64", kv_tokens_per_instance=4096, threads_per_instance=1)
+    # one decode iteration per round, so the rotating master changes every token
+    config = EngineConfig(instances=4, dtype="float64", kv_tokens_per_instance=4096, threads_per_instance=1,
+                          decode_steps=1)
     async with Engine(config, policies=bundle) as eng:
         yield eng
 

@@ -313,17 +313,17 @@ def test_mixed_step_fast_path_equals_reference():
     decode riders, through `MixedStep` on the default backend and on the reference."""
     from esp.engine.chunked import MixedStep
     from esp.engine.kv_pool import KVPool, SlotList
-    from esp.engine.protocol import DecodeSeq, KeepRange, PrefillBatch, PrefillSeq
+    from esp.engine.protocol import DecodeRows, DecodeSeq, KeepRange, MixedBatch, PrefillSeq
 
     g = torch.Generator().manual_seed(5)
     perm = torch.randperm(200, generator=g).add(200).tolist()  # scattered slots 200..399
     cached = {1: r(0, 40), 2: perm[:30], 3: [], 4: r(100, 150), 5: perm[30:35]}
     chunks = {1: (40, r(40, 60)), 2: (30, perm[35:45]), 3: (0, r(160, 175))}
     riders = {4: 150, 5: perm[45]}
-    batch = PrefillBatch(1, (0,), tuple(
+    batch = MixedBatch(1, (0,), tuple(
         PrefillSeq(rid, list(range(3, 3 + len(s))), (KeepRange(0, start, start + len(s), s),), None, start)
-        for rid, (start, s) in chunks.items()), tuple(
-        DecodeSeq(rid, 7, len(cached[rid]), 0, slot, (0,), None) for rid, slot in riders.items()))
+        for rid, (start, s) in chunks.items()), DecodeRows.of(
+        [DecodeSeq(rid, 7, len(cached[rid]), 0, slot, (0,)) for rid, slot in riders.items()]))
     t = sum(len(s) for _, s in chunks.values()) + len(riders)
     q = torch.randn(t, 4, 16, generator=g, dtype=F64)
     k = torch.randn(t, 2, 16, generator=g, dtype=F64)

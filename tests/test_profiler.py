@@ -57,9 +57,8 @@ async def measure_prefill(n: int, repeats: int = 3) -> float:
             seq = PrefillSeq(i + 1, [(7 * j) % 4000 + 3 for j in range(n)], (KeepRange(0, 0, n, list(range(n))),),
                              SampleSpec(SamplingParams(temperature=0.0), 0, 0))
             t0 = time.perf_counter()
-            await group.run(PrefillBatch(i + 1, (0,), (seq,)))
+            await group.run(PrefillBatch(i + 1, (0,), (seq,), released={0: (i,)} if i else {}))
             times.append(time.perf_counter() - t0)
-            group.release(0, (i + 1,))
         return statistics.median(times[1:])
     finally:
         await group.shutdown()

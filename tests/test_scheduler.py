@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import pytest
 
-from esp.engine.protocol import DecodeBatch, PrefillBatch
+from esp.engine.protocol import DecodeBatch, MixedBatch, PrefillBatch
 from esp.engine.request import Request
 from esp.engine.sampling_params import SamplingParams
 from esp.engine.scheduler import Scheduler
@@ -35,7 +35,8 @@ def sampled_by(step, token=5) -> dict[int, int]:
     """What the instances return: a token for each finished prompt and each decode seq."""
     if isinstance(step, DecodeBatch):
         return {seq.request_id: token for seq in step.seqs}
-    return {seq.request_id: token for seq in [q for q in step.seqs if q.sample] + list(step.decode)}
+    riders = list(step.decode.request_ids) if isinstance(step, MixedBatch) else []
+    return {seq.request_id: token for seq in step.seqs if seq.sample} | dict.fromkeys(riders, token)
 
 
 def run_until_idle(s: Scheduler, token=5, limit=1000):
@@ -133,7 +134,10 @@ def test_abort_in_flight_frees_slots_when_the_step_returns():
     assert s.abort(1) is None and r.abort_requested
     s.complete(steps[0].step_id, {1: 5})
     assert r.finish_reason == "abort" and s.free_slots() == [32]
-    assert s.take_releases() == {0: [1]}
+    assert s.releases == {0: [1]}  # instance 0 forgets it with its next step
+    s.add(make_request(2, 5))
+    (step,), _ = s.schedule()
+    assert step.released == {0: (1,)} and not s.releases
 
 
 def test_abort_while_waiting():
