@@ -1,4 +1,8 @@
-"""Load a Hugging Face style Llama directory into `esp.engine.model.LlamaForCausalLM`.
+"""Load a Hugging Face style Llama, Mistral, Qwen2 or Qwen3 directory into `esp.engine.model.LlamaForCausalLM`.
+
+The model's parameter names are the checkpoint's own for every family (Qwen3's
+`self_attn.q_norm` / `k_norm`, the q/k/v `.bias` tensors of Qwen2), so a tensor maps to the
+parameter of the same name; which ones exist follows the `ModelConfig`.
 
 The directory holds `config.json` and either `model.safetensors` or shards listed in
 `model.safetensors.index.json` (`weight_map`: tensor name -> shard file). Tensors are read one
@@ -77,7 +81,7 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device |
     for name in where:
         if name not in params and not _ignorable(name, config):
             raise CheckpointError(f"{where[name]}: unexpected tensor {name!r} (not a parameter of a "
-                                  f"{config.num_hidden_layers}-layer Llama model"
+                                  f"{config.num_hidden_layers}-layer {config.model_type} model"
                                   f"{' with tied embeddings' if config.tie_word_embeddings else ''})")
     missing = [name for name in params if name not in where]
     if missing:

@@ -1,4 +1,9 @@
-"""A Llama-family decoder in plain torch, over packed (varlen) token batches (DESIGN 4.1).
+"""The Llama-family decoder in plain torch, over packed (varlen) token batches (DESIGN 4.1).
+
+One module for every family `esp.engine.model_config` accepts (Llama, Mistral, Qwen2, Qwen3):
+the differences are `ModelConfig` fields, biased q/k/v (`qkv_bias`) and o (`o_bias`)
+projections and Qwen3's per-head RMSNorm of q and k before RoPE (`qk_norm`). RoPE frequencies
+come from `esp.engine.rope`; yarn's attention factor scales cos and sin.
 
 The model sees T tokens from any number of sequences concatenated, each with its global
 position. Every op is per token except attention, which is delegated to a callback: the
@@ -14,7 +19,6 @@ loader's list of expected tensors.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -23,34 +27,10 @@ from torch import Tensor, nn
 from torch.nn.utils import skip_init
 
 from esp.engine.model_config import ModelConfig
+from esp.engine.rope import dynamic_inv_freq, rope_attention_factor, rope_inv_freq
 
 AttentionFn = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 """`attention(layer, q [T, H, D], k [T, KVH, D], v [T, KVH, D]) -> out [T, H, D]`, RoPE applied."""
-
-
-def rope_inv_freq(config: ModelConfig) -> Tensor:
-    """`[head_dim // 2]` float32 inverse frequencies, computed as `transformers` does
-    (`compute_default_rope_parameters`, `_compute_linear_scaling_rope_parameters`,
-    `_compute_llama3_parameters`), in float32 on the CPU."""
-    dim, base, scaling = config.head_dim, config.rope_theta, config.rope_scaling
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim))
-    if scaling is None:
-        return inv_freq
-    factor = scaling.factor
-    if scaling.rope_type == "linear":
-        return inv_freq / factor
-    if scaling.rope_type != "llama3":
-        raise ValueError(f"unsupported rope type {scaling.rope_type!r}")
-    old_context_len = scaling.original_max_position_embeddings
-    low_freq_wavelen = old_context_len / scaling.low_freq_factor
-    high_freq_wavelen = old_context_len / scaling.high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    inv_freq_llama = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-    smooth = (old_context_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor
-                                                                      - scaling.low_freq_factor)
-    smoothed = (1 - smooth) * inv_freq_llama / factor + smooth * inv_freq_llama
-    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
-    return torch.where(is_medium, smoothed, inv_freq_llama)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -79,23 +59,28 @@ class RMSNorm(nn.Module):
         return self.weight * y.to(x.dtype)
 
 
-def _linear(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device | None) -> nn.Linear:
-    return skip_init(nn.Linear, n_in, n_out, bias=False, dtype=dtype, device=device)
+def _linear(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device | None, bias: bool = False) -> nn.Linear:
+    return skip_init(nn.Linear, n_in, n_out, bias=bias, dtype=dtype, device=device)
 
 
 class LlamaAttention(nn.Module):
     def __init__(self, c: ModelConfig, dtype: torch.dtype, device: torch.device | None) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.q_proj = _linear(c.hidden_size, c.num_attention_heads * c.head_dim, dtype, device)
-        self.k_proj = _linear(c.hidden_size, c.num_key_value_heads * c.head_dim, dtype, device)
-        self.v_proj = _linear(c.hidden_size, c.num_key_value_heads * c.head_dim, dtype, device)
-        self.o_proj = _linear(c.num_attention_heads * c.head_dim, c.hidden_size, dtype, device)
+        self.q_proj = _linear(c.hidden_size, c.num_attention_heads * c.head_dim, dtype, device, c.qkv_bias)
+        self.k_proj = _linear(c.hidden_size, c.num_key_value_heads * c.head_dim, dtype, device, c.qkv_bias)
+        self.v_proj = _linear(c.hidden_size, c.num_key_value_heads * c.head_dim, dtype, device, c.qkv_bias)
+        self.o_proj = _linear(c.num_attention_heads * c.head_dim, c.hidden_size, dtype, device, c.o_bias)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype, device)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype, device)
+        else:
+            self.q_norm = self.k_norm = nn.Identity()
 
     def forward(self, layer: int, x: Tensor, cos: Tensor, sin: Tensor, attention: AttentionFn) -> Tensor:
         t = x.shape[0]
-        q = apply_rope(self.q_proj(x).view(t, self.heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(t, self.kv_heads, self.head_dim), cos, sin)
+        q = apply_rope(self.q_norm(self.q_proj(x).view(t, self.heads, self.head_dim)), cos, sin)
+        k = apply_rope(self.k_norm(self.k_proj(x).view(t, self.kv_heads, self.head_dim)), cos, sin)
         v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
         out = attention(layer, q, k, v)
         return self.o_proj(out.reshape(t, self.heads * self.head_dim))
@@ -145,19 +130,39 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else _linear(config.hidden_size, config.vocab_size,
                                                                        dtype, device)
         self.register_buffer("inv_freq", rope_inv_freq(config).to(device), persistent=False)
+        self.attention_factor = rope_attention_factor(config)
+        self.dynamic = config.rope_scaling is not None and config.rope_scaling.rope_type == "dynamic"
 
-    def rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """`cos`, `sin [T, head_dim]` in `dtype` for global `positions [T]`."""
+    def rope(self, positions: Tensor, dtype: torch.dtype, seq_lens: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """`cos`, `sin [T, head_dim]` in `dtype` for global `positions [T]`.
+
+        `seq_lens [T]` (int64) matters to dynamic RoPE only: the sequence length each token's
+        frequencies are computed for, `max(prompt length, position + 1)` of its request (the
+        rule in `esp.engine.rope`). None means `positions + 1`, exact for generated tokens and
+        for prompts within `max_position_embeddings`."""
         cdtype = _compute_dtype(dtype)
-        freqs = positions.to(cdtype)[:, None] * self.inv_freq.to(cdtype)
+        inv_freq = self.inv_freq
+        if self.dynamic:
+            seq_lens = positions + 1 if seq_lens is None else seq_lens
+            scaled = seq_lens > self.config.max_position_embeddings
+            if bool(scaled.any()):
+                lens, index = torch.unique(seq_lens[scaled], return_inverse=True)
+                inv_freq = inv_freq.expand(len(positions), -1).clone()
+                inv_freq[scaled] = dynamic_inv_freq(self.config, lens).to(inv_freq.device)[index]
+        freqs = positions.to(cdtype)[:, None] * inv_freq.to(cdtype)
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if self.attention_factor != 1.0:
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
+        return cos.to(dtype), sin.to(dtype)
 
-    def forward(self, input_ids: Tensor, positions: Tensor, attention: AttentionFn) -> Tensor:
+    def forward(self, input_ids: Tensor, positions: Tensor, attention: AttentionFn,
+                seq_lens: Tensor | None = None) -> Tensor:
         """`input_ids`, `positions [T]` (int64) -> final-normed hidden states `[T, hidden]`.
+        `seq_lens [T]`: see `rope` (dynamic RoPE only).
         `attention` is called exactly once per layer, in layer order, even when T == 0."""
         h = self.model.embed_tokens(input_ids)
-        cos, sin = self.rope(positions, h.dtype)
+        cos, sin = self.rope(positions, h.dtype, seq_lens)
         for i, layer in enumerate(self.model.layers):
             h = layer(i, h, cos, sin, attention)
         return self.model.norm(h)

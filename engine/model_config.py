@@ -1,10 +1,23 @@
-"""The shape and hyper-parameters of a Llama-family checkpoint, read from its `config.json`.
+"""The shape and hyper-parameters of a decoder checkpoint, read from its `config.json`.
 
+Four Hugging Face families run on the one model in `esp.engine.model`; what tells them apart
+is a few fields here (`qkv_bias`, `o_bias`, `qk_norm`), set as `transformers` builds each:
+
+| model_type | q/k/v bias | o bias | per-head q/k RMSNorm |
+|---|---|---|---|
+| `llama` | `attention_bias` | `attention_bias` | no |
+| `mistral` | no | no | no |
+| `qwen2` | yes | no | no |
+| `qwen3` | `attention_bias` | `attention_bias` | yes (`q_norm`, `k_norm`) |
+
+RoPE types `default`, `linear`, `llama3`, `yarn` and `dynamic` (formulas in `esp.engine.rope`).
 Both layouts that `transformers` writes are accepted: 4.x (`rope_theta` at the top level,
 `rope_scaling` with `type` or `rope_type`, `torch_dtype`) and 5.x (`rope_parameters` holding
-`rope_type` and `rope_theta`, `dtype`). Anything the model in `esp.engine.model` would compute
-differently from the checkpoint's reference implementation is refused with an error that names
-the file and the field.
+`rope_type` and `rope_theta`, `dtype`). Anything the model would compute differently from the
+checkpoint's reference implementation (sliding-window layers, mixture-of-experts layers,
+per-layer RoPE, other model types) is refused with an error that names the file and the field;
+the defaults `transformers` writes (Qwen's disabled `sliding_window`, `layer_types` of all
+`full_attention`) are accepted.
 """
 from __future__ import annotations
 
@@ -13,8 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
-ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                         "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
+MOE_FIELDS = ("num_experts", "num_local_experts", "num_experts_per_tok", "n_routed_experts", "n_shared_experts",
+              "moe_intermediate_size", "shared_expert_intermediate_size", "decoder_sparse_step", "moe_layer_freq",
+              "first_k_dense_replace")
+QWEN_MAX_WINDOW_LAYERS = 28  # `Qwen2Config` / `Qwen3Config` default for a config.json without the field
 
 
 class CheckpointError(ValueError):
@@ -27,13 +45,22 @@ class ConfigError(CheckpointError):
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """Non-default RoPE frequencies. `linear` uses `factor`; `llama3` uses all four fields."""
+    """Non-default RoPE frequencies. `linear` and `dynamic` use `factor`; `llama3` adds the
+    low/high frequency factors and `original_max_position_embeddings`; `yarn` adds
+    `original_max_position_embeddings` and the optional `attention_factor`, `beta_fast`,
+    `beta_slow`, `mscale`, `mscale_all_dim` (None: HF's default) and `truncate`."""
 
     rope_type: str
     factor: float
     low_freq_factor: float | None = None
     high_freq_factor: float | None = None
     original_max_position_embeddings: int | None = None
+    attention_factor: float | None = None
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
 
 
 @dataclass(frozen=True)
@@ -52,9 +79,11 @@ class ModelConfig:
     tie_word_embeddings: bool
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
-    attention_bias: bool = False
-    mlp_bias: bool = False
     torch_dtype: str | None = None
+    model_type: str = "llama"
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -92,13 +121,14 @@ class ModelConfig:
             raise r.error("architectures", f"unsupported architectures {archs} "
                                            f"(expected [{SUPPORTED_MODEL_TYPES[model_type]!r}])")
         r.refuse_if("hidden_act", lambda v: v != "silu", "only silu (SwiGLU) is supported", "silu")
-        r.refuse_if("attention_bias", bool, "biased attention projections are not supported", False)
         r.refuse_if("mlp_bias", bool, "biased MLP projections are not supported", False)
         r.refuse_if("quantization_config", lambda v: v is not None, "quantized checkpoints are not supported", None)
-        max_pos = r.get("max_position_embeddings", int)
-        r.refuse_if("sliding_window", lambda v: v is not None and not (isinstance(v, int) and v >= max_pos),
-                    f"sliding-window attention is not supported (needs null or >= max_position_embeddings "
-                    f"= {max_pos})", None)
+        for field in MOE_FIELDS:
+            r.refuse_if(field, lambda v: v not in (None, 0, False, []), "mixture-of-experts layers are not supported",
+                        None)
+        max_pos, layers = r.get("max_position_embeddings", int), r.get("num_hidden_layers", int)
+        _refuse_sliding_window(r, model_type, layers, max_pos)
+        bias = model_type == "qwen2" or (model_type != "mistral" and r.get("attention_bias", bool, False))
         hidden, heads = r.get("hidden_size", int), r.get("num_attention_heads", int)
         head_dim = r.get("head_dim", int, None) or (hidden // heads if heads > 0 else 0)
         rope_theta, rope_scaling = _rope(r, max_pos)
@@ -110,7 +140,7 @@ class ModelConfig:
             vocab_size=r.get("vocab_size", int),
             hidden_size=hidden,
             intermediate_size=r.get("intermediate_size", int),
-            num_hidden_layers=r.get("num_hidden_layers", int),
+            num_hidden_layers=layers,
             num_attention_heads=heads,
             num_key_value_heads=r.get("num_key_value_heads", int, None) or heads,
             head_dim=head_dim,
@@ -122,11 +152,37 @@ class ModelConfig:
             bos_token_id=r.get("bos_token_id", int, None),
             eos_token_ids=eos_ids,
             torch_dtype=r.get("dtype", str, None) or r.get("torch_dtype", str, None),
+            model_type=model_type,
+            qkv_bias=bias,
+            o_bias=bias and model_type != "qwen2",
+            qk_norm=model_type == "qwen3",
         )
         try:
             return cls(**fields)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
+
+
+def _refuse_sliding_window(r: _Reader, model_type: str, layers: int, max_pos: int) -> None:
+    """Sliding-window layers, as `transformers` decides them. Mistral: `sliding_window` on every
+    layer (Llama has no such field; one there is refused the same way). Qwen2/3: `sliding_window` only with `use_sliding_window`, on the layers `layer_types`
+    marks `sliding_attention` (by default those from `max_window_layers` on). A window of at least
+    `max_position_embeddings` never slides."""
+    layer_types = r.get("layer_types", list, None)
+    if layer_types is not None and any(t != "full_attention" for t in layer_types):
+        others = sorted({str(t) for t in layer_types} - {"full_attention"})
+        raise r.error("layer_types", f"only full attention in every layer is supported, got {', '.join(others)} "
+                                     f"layers")
+    window = r.get("sliding_window", int, None)
+    if window is None or window >= max_pos:
+        return
+    if model_type not in ("qwen2", "qwen3"):
+        raise r.error("sliding_window", f"sliding-window attention is not supported (needs null or >= "
+                                        f"max_position_embeddings = {max_pos}), got {window}")
+    first = r.get("max_window_layers", int, QWEN_MAX_WINDOW_LAYERS)
+    if r.get("use_sliding_window", bool, False) and layer_types is None and first < layers:
+        raise r.error("use_sliding_window", f"sliding-window attention is not supported (sliding_window={window} "
+                                            f"on layers {first}..{layers - 1}), got True")
 
 
 def _rope(r: _Reader, max_pos: int) -> tuple[float, RopeScaling | None]:
@@ -149,18 +205,42 @@ def _rope(r: _Reader, max_pos: int) -> tuple[float, RopeScaling | None]:
             raise r.error(f"{field}.{key}", f"must be a number for rope type {rope_type!r}, got {v!r}")
         return v
 
+    def optional(key: str) -> float | None:
+        return None if p.get(key) is None else float(num(key))
+
+    def original_max() -> int:
+        # HF's `standardize_rope_params` lets a top-level field win over the one in the RoPE dict
+        top = r.d.get("original_max_position_embeddings")
+        v = top if top is not None else p.get("original_max_position_embeddings", max_pos)
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            name = "original_max_position_embeddings"
+            raise r.error(name if top is not None else f"{field}.{name}", f"must be a positive integer for rope type {rope_type!r}, got {v!r}")
+        return v
+
     if not isinstance(theta, (int, float)) or theta <= 0:
         raise r.error(f"{field}.rope_theta", f"must be a positive number, got {theta!r}")
     if rope_type == "default":
         return float(theta), None
+    if rope_type == "yarn":
+        original = original_max()
+        truncate = p.get("truncate", True)
+        if truncate is not None and not isinstance(truncate, bool):
+            raise r.error(f"{field}.truncate", f"must be true or false, got {truncate!r}")
+        factor = max_pos / original if p.get("factor") is None else float(num("factor"))
+        return float(theta), RopeScaling("yarn", factor, original_max_position_embeddings=original,
+                                         attention_factor=optional("attention_factor"),
+                                         beta_fast=optional("beta_fast"), beta_slow=optional("beta_slow"),
+                                         mscale=optional("mscale"), mscale_all_dim=optional("mscale_all_dim"),
+                                         truncate=bool(truncate))
     factor = float(num("factor"))
-    if rope_type == "linear":
-        return float(theta), RopeScaling("linear", factor)
+    if rope_type in ("linear", "dynamic"):
+        return float(theta), RopeScaling(rope_type, factor)
     low, high = float(num("low_freq_factor")), float(num("high_freq_factor"))
     if high <= low:
         raise r.error(field, f"high_freq_factor ({high}) must be greater than low_freq_factor ({low})")
-    original = int(num("original_max_position_embeddings", r.d.get("original_max_position_embeddings", max_pos)))
-    return float(theta), RopeScaling("llama3", factor, low, high, original)
+    return float(theta), RopeScaling("llama3", factor, low, high, original_max())
 
 
 class _Reader:

@@ -1,29 +1,25 @@
 """Our Llama (esp.engine.model + loader) against Hugging Face `transformers` on small random checkpoints.
 
-The oracle is `transformers.LlamaForCausalLM` loaded from the same directory with SDPA attention
-(its eager path runs softmax in float32 even for float64 models).
-In float64 the oracle is made float64 throughout: HF computes RMSNorm and RoPE cos/sin in float32
-even for float64 models, so `hf_float64` swaps in the same two formulas evaluated in float64
-(keeping HF's own `inv_freq`, i.e. its RoPE-scaling code, untouched).
+The oracle and the attention callbacks live in `hf_fixtures` (see its docstring for how the
+float64 oracle is made float64 throughout); `test_architectures.py` covers the other families
+and RoPE types.
 """
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 import transformers
-from hf_fixtures import make_random_checkpoint
+from hf_fixtures import (CachedAttention, PackedAttention, esp_run_generate, hf_greedy, hf_logits, hf_model,
+                         make_random_checkpoint, ours_greedy, ours_logits, prompt)
 from safetensors.torch import load_file, save_file
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama import modeling_llama
-from transformers.models.mistral import modeling_mistral
 
 from esp.engine.loader import CheckpointError, load_model, resolve_dtype
-from esp.engine.model import LlamaForCausalLM, rope_inv_freq
+from esp.engine.model import rope_inv_freq
 from esp.engine.model_config import ModelConfig, RopeScaling
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -37,80 +33,6 @@ CONFIGS = {
     "llama3": {"rope_theta": 500000.0, "rope_scaling": LLAMA3},
     "sharded": {"max_shard_size": "40KB"},
 }
-
-
-def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """One sequence: q [T, H, D], k/v [S, KVH, D] with the T queries being the last T of S keys."""
-    t, s = q.shape[0], k.shape[0]
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    mask = torch.arange(s)[None, :] <= torch.arange(s - t, s)[:, None]
-    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask)
-    return out.transpose(0, 1)
-
-
-class PackedAttention:
-    """Dense causal attention within each sequence of a packed batch; records the layers it saw."""
-
-    def __init__(self, lengths: list[int]) -> None:
-        self.lengths, self.layers = lengths, []
-
-    def __call__(self, layer, q, k, v):
-        self.layers.append(layer)
-        outs = [dense_causal_attention(*parts) for parts in zip(*(x.split(self.lengths) for x in (q, k, v)))]
-        return torch.cat(outs) if outs else torch.empty_like(q)
-
-
-class CachedAttention:
-    """One sequence decoded incrementally: keeps every layer's K/V and attends new queries to all of it."""
-
-    def __init__(self) -> None:
-        self.k: dict[int, torch.Tensor] = {}
-        self.v: dict[int, torch.Tensor] = {}
-
-    def __call__(self, layer, q, k, v):
-        self.k[layer] = torch.cat((self.k[layer], k)) if layer in self.k else k
-        self.v[layer] = torch.cat((self.v[layer], v)) if layer in self.v else v
-        return dense_causal_attention(q, self.k[layer], self.v[layer])
-
-
-@contextmanager
-def hf_float64():
-    """HF's RMSNorm and RoPE formulas evaluated in the input's dtype instead of float32."""
-
-    def norm(self, x):
-        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * y
-
-    def rope(self, x, position_ids):
-        freqs = position_ids[..., None].to(torch.float64) * self.inv_freq.to(torch.float64)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
-
-    mp = pytest.MonkeyPatch()
-    for mod, prefix in ((modeling_llama, "Llama"), (modeling_mistral, "Mistral")):
-        mp.setattr(getattr(mod, f"{prefix}RMSNorm"), "forward", norm)
-        mp.setattr(getattr(mod, f"{prefix}RotaryEmbedding"), "forward", rope)
-    try:
-        yield
-    finally:
-        mp.undo()
-
-
-def hf_model(path: Path, dtype: torch.dtype, cls=transformers.LlamaForCausalLM):
-    model = cls.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").eval()
-    assert next(model.parameters()).dtype == dtype
-    return model
-
-
-def ours_logits(model: LlamaForCausalLM, ids: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
-        return model.compute_logits(model(ids, torch.arange(len(ids)), PackedAttention([len(ids)])))
-
-
-def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode(), hf_float64():
-        return model(ids[None]).logits[0]
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
@@ -134,16 +56,8 @@ def test_logits_match_hf(ckpt, dtype, atol):
 
 def test_greedy_decoding_matches_hf_generate(ckpt):
     steps, ids = 20, prompt(12, seed=1)
-    hf = hf_model(ckpt, torch.float64)
-    hf.generation_config.eos_token_id = None
-    with torch.inference_mode(), hf_float64():
-        ref = hf.generate(ids[None], do_sample=False, max_new_tokens=steps, pad_token_id=0)[0, len(ids):].tolist()
-    model, cache, out = load_model(ckpt, torch.float64, "cpu"), CachedAttention(), []
-    with torch.inference_mode():
-        hidden = model(ids, torch.arange(len(ids)), cache)[-1:]
-        for pos in range(len(ids), len(ids) + steps):
-            out.append(int(model.compute_logits(hidden).argmax(-1)))
-            hidden = model(torch.tensor(out[-1:]), torch.tensor([pos]), cache)
+    ref = hf_greedy(ckpt, ids, steps)
+    out = ours_greedy(load_model(ckpt, torch.float64, "cpu"), ids, steps)
     assert len(ref) == steps
     assert out == ref
     assert len(set(out)) > 1
@@ -203,7 +117,7 @@ def test_bfloat16_is_close_to_float32(tmp_path):
 def test_mistral_without_sliding_window_matches_hf(tmp_path):
     path = make_random_checkpoint(tmp_path, arch="mistral", sliding_window=None)
     ids = prompt(24, seed=6)
-    ref = hf_logits(hf_model(path, torch.float64, transformers.MistralForCausalLM), ids)
+    ref = hf_logits(hf_model(path, torch.float64), ids)
     torch.testing.assert_close(ours_logits(load_model(path, torch.float64, "cpu"), ids), ref, atol=1e-10, rtol=0)
 
 
@@ -342,11 +256,11 @@ def test_sharded_errors_name_the_shard(tmp_path):
 @pytest.mark.parametrize("changes, field", [
     ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "model_type"),
     ({"architectures": ["LlamaForSequenceClassification"]}, "architectures"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0}}, "rope_parameters"),
-    ({"rope_parameters": None, "rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling"),
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "factor": 4.0}}, "rope_parameters"),
+    ({"rope_parameters": None, "rope_scaling": {"type": "longrope", "factor": 2.0}}, "rope_scaling"),
     ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}}, "rope_parameters.low_freq_factor"),
     ({"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": 64}, "sliding_window"),
-    ({"attention_bias": True}, "attention_bias"),
+    ({"mlp_bias": True}, "mlp_bias"),
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"num_attention_heads": 3}, "num_attention_heads"),
     ({"vocab_size": "512"}, "vocab_size"),
@@ -358,8 +272,8 @@ def test_unsupported_config_names_file_and_field(tiny, changes, field):
 
 
 def test_rope_type_error_names_the_type(tiny):
-    edit_config(tiny, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0})
-    assert "'yarn'" in load_error(tiny)
+    edit_config(tiny, rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "factor": 4.0})
+    assert "'longrope'" in load_error(tiny)
 
 
 def test_missing_or_broken_files(tiny):
@@ -377,26 +291,8 @@ def test_missing_or_broken_files(tiny):
 @pytest.mark.parametrize("instances", [1, 2])
 def test_esp_run_generate_float64_greedy_equals_hf(tmp_path, name, instances):
     """End to end through `esp-run generate` (worker processes, KV pool, kernels, sampling)."""
-    import json
-    import shutil
-    import subprocess
-    import sys
-
-    from esp.engine.config import bundled_model_dir
-
     ckpt = make_random_checkpoint(tmp_path, seed=3, **CONFIGS[name])
-    shutil.copy(bundled_model_dir() / "tokenizer.model", ckpt / "tokenizer.model")
     ids = prompt(40, seed=5)
-    hf = hf_model(ckpt, torch.float64)
-    hf.generation_config.eos_token_id = None
-    with torch.inference_mode(), hf_float64():
-        ref = hf.generate(ids[None], do_sample=False, max_new_tokens=12, pad_token_id=0)[0, len(ids):].tolist()
-    cmd = [sys.executable, "-m", "esp.cli.main", "generate", "--model", str(ckpt), "--dtype", "float64",
-           "--temperature", "0", "--ignore-eos", "--max-tokens", "12", "--instances", str(instances),
-           "--threads-per-instance", "1", "--kv-tokens-per-instance", "64", "--policy", "static-sp",
-           "--prompt-ids", ",".join(map(str, ids.tolist())), "--json"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
-    out = json.loads(res.stdout)
-    assert out["token_ids"] == ref
+    out = esp_run_generate(ckpt, ids, 12, instances)
+    assert out["token_ids"] == hf_greedy(ckpt, ids, 12)
     assert len(out["esp"]["prefill_group"]) == instances == len(out["esp"]["keep_plan"])
