@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 
 from esp.cli.logs import LEVELS, setup_logging
 from esp.engine.config import EngineConfig
 from esp.engine.errors import EngineError
+from esp.engine.generation_defaults import GenerationDefaults, defaults_of
 from esp.engine.sampling_params import SamplingParams
 
 COMMANDS = ("serve", "generate", "profile", "policies", "bench")
@@ -83,8 +85,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch-size", type=positive_int, default=256)
     g.add_argument("--prefill-instances", type=positive_int, help="disagg: instances that only prefill")
     g.add_argument("--decode-instances", type=positive_int, help="disagg: instances that only decode")
-    g.add_argument("--decode-steps", type=positive_int, help="decode iterations per scheduling round "
-                                                             "(default 1; 8 with --backend sim)")
+    g.add_argument("--decode-steps", type=positive_int, help="most decode iterations per scheduling round; a "
+                                                             "round ends early when a request arrives or ends "
+                                                             "(default 16; 8 with --backend sim)")
     g.add_argument("--chunk-size", type=positive_int, help="chunked: tokens per step, decodes plus prompt chunks "
                                                            "(default 2048)")
     g.add_argument("--max-waiting-requests", type=count_or_none, default=512, metavar="N",
@@ -123,9 +126,10 @@ def build_parser() -> Parser:
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-ids", help="comma-separated token ids, used verbatim")
     gen.add_argument("--max-tokens", type=positive_int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--temperature", type=float,
+                     help="0 is greedy (default: the model's generation_config.json value, else 0)")
+    gen.add_argument("--top-p", type=float, help="default: the model's generation_config.json value, else 1")
+    gen.add_argument("--top-k", type=int, help="default: the model's generation_config.json value, else 0")
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true")
@@ -159,13 +163,22 @@ def parse_prompt_ids(text: str) -> list[int]:
     return ids
 
 
+def generate_params(args: argparse.Namespace, defaults: GenerationDefaults) -> SamplingParams:
+    """The sampling flags given; for those left out, the model's `defaults`, else greedy."""
+    if defaults.temperature is None:
+        defaults = dataclasses.replace(defaults, temperature=0.0)
+    return defaults.sampling_params(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                    top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos,
+                                    stop=tuple(args.stop))
+
+
 async def cmd_generate(args: argparse.Namespace) -> int:
     from esp.engine.engine import Engine
 
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos, stop=tuple(args.stop))
+    generate_params(args, GenerationDefaults())  # wrong flags fail before the model loads
     prompt = parse_prompt_ids(args.prompt_ids) if args.prompt_ids else args.prompt
     async with Engine(engine_config(args)) as engine:
+        params = generate_params(args, defaults_of(engine.tokenizer))
         final = None
         async for out in engine.generate(prompt, params):
             if not args.json:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-MODEL_FILES = "config.json, model.safetensors (or model.safetensors.index.json and its shards) and tokenizer.model"
+MODEL_FILES = ("config.json, model.safetensors (or model.safetensors.index.json and its shards) and tokenizer.json "
+               "(or tokenizer.model)")
 
 
 class PreflightError(Exception):
@@ -26,8 +27,8 @@ def check_model_dir(model: str | None, weights: bool = True) -> None:
     if weights:
         if not any(path.glob("*.safetensors")) and not (path / "model.safetensors.index.json").is_file():
             missing.append("*.safetensors weights")
-        if not (path / "tokenizer.model").is_file():
-            missing.append("tokenizer.model")
+        if not (path / "tokenizer.json").is_file() and not (path / "tokenizer.model").is_file():
+            missing.append("tokenizer.json or tokenizer.model")
     if missing:
         raise PreflightError(f"--model {model}: missing {', '.join(missing)}; a model directory holds {MODEL_FILES}")
 

@@ -23,6 +23,7 @@ from esp.engine.request import Request
 from esp.engine.sampling_params import SamplingParams
 from esp.engine.scheduler import Scheduler
 from esp.engine.sim import SyntheticPrompt
+from esp.engine.generation_defaults import defaults_of
 from esp.engine.status import EngineStats, Health
 from esp.policies import PolicyOptions, PolicySet, load_policy_set
 from esp.policies.cost_model import CostModel
@@ -202,7 +203,7 @@ class Engine:
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream outputs until the request finishes. The first step raises `InvalidRequest`,
         `Overloaded` or `EngineUnavailable`; closing the iterator early aborts the request."""
-        params = params or SamplingParams()
+        params = params or defaults_of(self.tokenizer).sampling_params()
         ids = prompt.ids if isinstance(prompt, EncodedPrompt) else (await self.encode(prompt)).ids
         req = self._admit(ids, params, request_id)
         queue: asyncio.Queue = asyncio.Queue()
@@ -255,8 +256,8 @@ class Engine:
         req = self.scheduler.abort(rid)
         if req is not None:
             self._deliver([req])
-        else:
-            self.backend.new_work()  # it is in a round: end the round so its row stops
+            if req.in_step:
+                self.backend.new_work()  # its round ends, so its row stops
         self._wake.set()
         return True
 

@@ -1,9 +1,17 @@
-"""A request's life in the main process: its tokens, its text, and when it ends."""
+"""A request's life in the main process: its tokens, its text, its KV placement, and when it ends.
+
+`status` is its one lifecycle field: WAITING (queued; a chunked prompt may already hold KV)
+-> PREFILLING (in a prefill or chunk step) -> WAITING again after a chunk, or RUNNING ->
+DECODING (in a decode round, as a rider, or having its KV moved) -> RUNNING ... -> FINISHED.
+Every change the policies can see (status, tokens, placement) goes through a method here,
+which bumps `version`, so the scheduler's cached views are rebuilt exactly when needed.
+"""
 from __future__ import annotations
 
 import enum
 import time
 from array import array
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -13,16 +21,39 @@ from esp.engine.sampling_params import SamplingParams
 
 class Status(enum.Enum):
     WAITING = "waiting"
+    PREFILLING = "prefilling"
     RUNNING = "running"
+    DECODING = "decoding"
     FINISHED = "finished"
+
+
+IN_STEP = frozenset({Status.PREFILLING, Status.DECODING})
+
+
+@dataclass
+class EspRecord:
+    """What ESP did with a request (`usage.esp`), filled in as its steps complete."""
+
+    prefill: list[dict] = field(default_factory=list)
+    decode_groups: Counter = field(default_factory=Counter)
+    masters: Counter = field(default_factory=Counter)
+    scale_events: list[dict] = field(default_factory=list)
+    preemptions: int = 0
+
+    def summary(self, recomputed: int) -> dict:
+        last = self.prefill[-1] if self.prefill else None
+        return {"prefill_group": last["group"] if last else None, "keep_plan": last["keep"] if last else None,
+                "decode_groups": {",".join(map(str, g)): n for g, n in self.decode_groups.items()},
+                "masters": {str(m): n for m, n in self.masters.items()}, "scale_events": list(self.scale_events),
+                "preemptions": self.preemptions, "recomputed": recomputed}
 
 
 @dataclass
 class Request:
-    """Owned by the scheduler. `placement` is `{rank: array('q') of slots}` in position order, with ranks
-    in the order their ranges appear in the sequence; `sampling_on` the ranks whose worker
-    has its sampling parameters (they, and the holders, forget it when it is freed). Times come from `clock` (the event
-    loop's, which is virtual under the simulator)."""
+    """Owned by the scheduler. `placement` is `{rank: array('q') of slots}` in position order, with
+    ranks in the order their ranges appear in the sequence; `sampling_on` the ranks whose worker
+    has its sampling parameters (they, and the holders, forget it when it is freed). Times come
+    from `clock` (the event loop's, which is virtual under the simulator)."""
 
     id: int
     external_id: str
@@ -37,20 +68,17 @@ class Request:
     text: str = ""
     status: Status = Status.WAITING
     placement: dict[int, array] = field(default_factory=dict)
-    placement_version: int = 0
+    version: int = 0
     sampling_on: set[int] = field(default_factory=set)
     first_token_at: float | None = None
     finished_at: float | None = None
     finish_reason: str | None = None
     error: str | None = None
-    in_flight: bool = False
-    abort_requested: bool = False
     scheduled_at: float | None = None
     failures: int = 0
     recomputed: int = 0
     final_delivered: bool = False
-    esp: dict = field(default_factory=lambda: {"prefill": [], "decode_groups": {}, "masters": {},
-                                               "scale_events": [], "preemptions": 0})
+    esp: EspRecord = field(default_factory=EspRecord)
     _sent_text: int = 0
     _sent_tokens: int = 0
 
@@ -71,11 +99,75 @@ class Request:
     def num_kv(self) -> int:
         return sum(len(s) for s in self.placement.values())
 
+    @property
+    def in_step(self) -> bool:
+        return self.status in IN_STEP
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def enter_step(self) -> None:
+        """Into a step: a waiting request is prefilled, a running one decodes or moves KV."""
+        if self.status is Status.WAITING:
+            self.status = Status.PREFILLING
+        elif self.status is Status.RUNNING:
+            self.status = Status.DECODING
+        else:
+            raise RuntimeError(f"request {self.id} cannot enter a step while {self.status.value}")
+        self.version += 1
+
+    def leave_step(self) -> None:
+        """Out of a step: RUNNING once its whole prompt (and every output token but the last) is
+        in KV, else WAITING for the next chunk."""
+        self.status = Status.RUNNING if self.num_kv >= self.num_tokens - 1 else Status.WAITING
+        self.version += 1
+
+    def requeue(self) -> None:
+        """Back to WAITING, holding nothing (preempted, failed or reset)."""
+        self.status = Status.WAITING
+        self.version += 1
+
+    def finish(self, reason: str, error: str | None = None) -> None:
+        """Decide the outcome now; in a step, the request stays in it until the step returns."""
+        self.finish_reason = reason
+        self.error = error
+        self.finished_at = self.clock()
+        if not self.in_step:
+            self.status = Status.FINISHED
+        self.version += 1
+
+    # -- placement ----------------------------------------------------------------------
+    def add_slots(self, rank: int, slots) -> None:
+        """Slots for the next positions, on `rank` (which becomes the last range)."""
+        held = self.placement.pop(rank, None)
+        if held is None:
+            held = array("q")
+        held.extend(slots)
+        self.placement[rank] = held
+        self.version += 1
+
+    def drop_last(self, rank: int, n: int) -> array:
+        """Remove and return the last `n` slots `rank` holds."""
+        held = self.placement[rank]
+        out = held[len(held) - n:]
+        del held[len(held) - n:]
+        if not held:
+            del self.placement[rank]
+        self.version += 1
+        return out
+
+    def take_placement(self) -> dict[int, array]:
+        """Everything it holds, which it no longer does."""
+        out, self.placement = self.placement, {}
+        self.sampling_on = set()
+        self.version += 1
+        return out
+
+    # -- tokens -------------------------------------------------------------------------
     def append(self, token: int) -> None:
         """Add one sampled token and decide whether the request is now finished."""
         now = self.clock()
         self.first_token_at = self.first_token_at or now
         self.output_ids.append(token)
+        self.version += 1
         if token in self.eos_ids and not self.params.ignore_eos:
             self.text += self.detokenizer.flush()
             self.finish("stop")
@@ -92,18 +184,6 @@ class Request:
             self.text += self.detokenizer.flush()
             self.finish("length")
 
-    def record_decode(self, group: tuple[int, ...], master: int, steps: int) -> None:
-        """`steps` decode iterations on `group` with `master` (for `usage.esp`)."""
-        groups, masters = self.esp["decode_groups"], self.esp["masters"]
-        groups[group] = groups.get(group, 0) + steps
-        masters[master] = masters.get(master, 0) + steps
-
-    def finish(self, reason: str, error: str | None = None) -> None:
-        self.status = Status.FINISHED
-        self.finish_reason = reason
-        self.error = error
-        self.finished_at = self.clock()
-
     def take_output(self) -> RequestOutput:
         """The delta since the last call. While running, text that could still become a stop
         string is held back."""
@@ -118,7 +198,7 @@ class Request:
             request_id=self.external_id, new_token_ids=new_ids, new_text=new_text,
             token_ids=list(self.output_ids), text=self.text[:upto], prompt_tokens=len(self.prompt_ids),
             finish_reason=self.finish_reason, error=self.error, timing=self.timing(),
-            esp=self.esp_summary() if self.finish_reason else {})
+            esp=self.esp.summary(self.recomputed) if self.finish_reason else {})
 
     def timing(self) -> Timing:
         ttft = self.first_token_at - self.arrival if self.first_token_at else None
@@ -127,11 +207,3 @@ class Request:
         tpot = (self.finished_at - self.first_token_at) / (n - 1) if e2e and ttft is not None and n > 1 else None
         queue = self.scheduled_at - self.arrival if self.scheduled_at is not None else None
         return Timing(ttft, tpot, e2e, queue)
-
-    def esp_summary(self) -> dict:
-        e = self.esp
-        return {"prefill_group": e["prefill"][-1]["group"] if e["prefill"] else None,
-                "keep_plan": e["prefill"][-1]["keep"] if e["prefill"] else None,
-                "decode_groups": {",".join(map(str, g)): n for g, n in e["decode_groups"].items()},
-                "masters": {str(m): n for m, n in e["masters"].items()}, "scale_events": list(e["scale_events"]),
-                "preemptions": e["preemptions"], "recomputed": self.recomputed}

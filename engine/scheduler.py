@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from array import array
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from esp.engine.kv_pool import SlotAllocator
@@ -24,35 +24,54 @@ from esp.policies.cost_model import CostModel
 
 
 class WaitingQueue(deque):
-    """The waiting queue, with an `epoch` that changes whenever it or a member's state does,
-    so the policies' view of it is rebuilt only then."""
+    """The waiting queue, with an `epoch` that changes whenever its membership does (a member's
+    own changes bump its `version`), so the policies' view of it is rebuilt only then."""
 
     epoch = 0
 
-    def touch(self) -> None:
+    def _touch(self) -> None:
         self.epoch += 1
 
     def append(self, item) -> None:
         super().append(item)
-        self.touch()
+        self._touch()
 
     def appendleft(self, item) -> None:
         super().appendleft(item)
-        self.touch()
+        self._touch()
+
+    def insert(self, i: int, item) -> None:
+        super().insert(i, item)
+        self._touch()
+
+    def extend(self, items) -> None:
+        super().extend(items)
+        self._touch()
 
     def remove(self, item) -> None:
         super().remove(item)
-        self.touch()
+        self._touch()
+
+    def clear(self) -> None:
+        super().clear()
+        self._touch()
 
     def popleft(self):
-        self.touch()
+        self._touch()
         return super().popleft()
+
+    def key(self) -> tuple[int, int]:
+        """Changes whenever the membership or any member does (versions only grow)."""
+        return self.epoch, sum(r.version for r in self)
 
 
 @dataclass(frozen=True)
 class InFlight:
+    """A step on its way, and what it will add to its requests' ESP records when it completes."""
+
     step: Step
     request_ids: tuple[int, ...]
+    records: dict[int, list[dict]] = field(default_factory=dict)
 
 
 class Scheduler:
@@ -67,12 +86,11 @@ class Scheduler:
         self.requests: dict[int, Request] = {}
         self.waiting = WaitingQueue()
         self.running: dict[int, Request] = {}
-        self._waiting_view: tuple[int, tuple[RequestView, ...]] = (-1, ())
-        self.busy: set[int] = set()
+        self._waiting_view: tuple[tuple[int, int], tuple[RequestView, ...]] = ((-1, -1), ())
         self.in_flight: dict[int, InFlight] = {}
         self.releases: dict[int, list[int]] = {}
         self.stuck: list[Request] = []
-        self._views: dict[int, tuple[tuple, RequestView]] = {}
+        self._views: dict[int, tuple[int, RequestView]] = {}
         self._next_step = 0
         self.recomputed_total = 0
 
@@ -86,27 +104,24 @@ class Scheduler:
         self.waiting.append(req)
 
     def abort(self, request_id: int) -> Request | None:
-        """Abort now if the request is not in a step; else when its step completes."""
-        req = self.requests.get(request_id)
-        if req is None:
+        """Abort a request now (in a step, its slots are freed when the step comes back)."""
+        if request_id not in self.requests:
             return None
-        if req.in_flight:
-            req.abort_requested = True
-            return None
-        if req.status is Status.WAITING:
-            self.waiting.remove(req)
-        self._finish(req, "abort")
-        return req
+        return self.end(request_id, "abort")
 
     def end(self, request_id: int, reason: str, error: str | None = None) -> Request:
         """End a request now, even in a step (its slots are freed when the step comes back)."""
         req = self.requests[request_id]
-        if req.in_flight:
-            req.abort_requested = True
+        if req.in_step:
             req.finish(reason, error)
         else:
             self._finish(req, reason, error)
         return req
+
+    @property
+    def busy(self) -> set[int]:
+        """Instances in a step."""
+        return {rank for f in self.in_flight.values() for rank in f.step.group}
 
     @property
     def has_work(self) -> bool:
@@ -115,7 +130,7 @@ class Scheduler:
     # -- schedule -----------------------------------------------------------------------
     def view(self) -> ClusterView:
         now = self.clock()
-        running = tuple(self._view(r, now) for r in self.running.values() if not r.in_flight)
+        running = tuple(self._view(r, now) for r in self.running.values() if r.status is Status.RUNNING)
         return ClusterView(
             now=now, capacity=tuple(a.num_slots for a in self.allocators),
             free_slots=tuple(a.num_free for a in self.allocators),
@@ -123,22 +138,21 @@ class Scheduler:
             waiting=self._waiting_views(now), running=running, cost_model=self.cost_model)
 
     def _waiting_views(self, now: float) -> tuple[RequestView, ...]:
-        epoch, views = self._waiting_view
-        if epoch != self.waiting.epoch:
-            views = tuple(self._view(r, now) for r in self.waiting if not r.in_flight)
-            self._waiting_view = (self.waiting.epoch, views)
+        key, views = self._waiting_view
+        if key != (now_key := self.waiting.key()):
+            views = tuple(self._view(r, now) for r in self.waiting if r.status is Status.WAITING)
+            self._waiting_view = (now_key, views)
         return views
 
     def _view(self, r: Request, now: float) -> RequestView:
         """The request's view, rebuilt only after its status, tokens or placement changed."""
-        key = (r.status, len(r.output_ids), r.placement_version)
         cached = self._views.get(r.id)
-        if cached is not None and cached[0] == key:
+        if cached is not None and cached[0] == r.version:
             return cached[1]
         prompt = len(r.prompt_ids) + len(r.output_ids) if r.status is Status.WAITING else len(r.prompt_ids)
         view = RequestView(r.id, r.arrival, prompt, len(r.output_ids), r.params.max_tokens,
                            MappingProxyType({k: len(v) for k, v in r.placement.items()}))
-        self._views[r.id] = (key, view)
+        self._views[r.id] = (r.version, view)
         return view
 
     def schedule(self) -> tuple[list[Step], list[Request]]:
@@ -175,7 +189,7 @@ class Scheduler:
         """End the requests a broken rule names (those not in a step) with its message."""
         for rid in err.request_ids:
             req = self.requests.get(rid)
-            if req is not None and not req.in_flight:
+            if req is not None and not req.in_step:
                 self._finish(req, "error", str(err))
                 failed.append(req)
 
@@ -208,42 +222,40 @@ class Scheduler:
 
     def _prefill_step(self, batch: Batch, ranges, riders: DecodePlan | None) -> PrefillBatch | MixedBatch:
         """Prefill (or a chunk of it: tokens after the KV a request holds) with decode riders."""
-        seqs = []
+        seqs, records = [], {}
         for rid in batch.request_ids:
             req = self.requests[rid]
             first = start = req.num_kv
             end = start + sum(n for _, n in ranges[rid])
             final = end == req.num_tokens
+            req.enter_step()
             if final:
                 self.waiting.remove(req)
-                req.status = Status.RUNNING
                 self.running[rid] = req
                 req.sampling_on.update(batch.group)
-            req.in_flight = True
             if req.scheduled_at is None:
                 req.scheduled_at = self.clock()
-            self.waiting.touch()
             keep = []
             for rank, n in ranges[rid]:
                 slots = self.allocators[rank].allocate(n)
-                req.placement.setdefault(rank, array("q")).extend(slots)
-                req.placement_version += 1
+                req.add_slots(rank, slots)
                 keep.append(KeepRange(rank, start, start + n, slots))
                 start += n
             record = {"group": list(batch.group), "keep": {str(r): n for r, n in ranges[rid]}}
             if first or not final:
                 record["chunk"] = [first, end]
-            req.esp["prefill"].append(record)
+            records[rid] = [record]
             seqs.append(PrefillSeq(rid, req.all_ids[first:end], tuple(keep),
                                    self._sample_spec(req) if final else None, first))
         ids = batch.request_ids
         if riders or any(s.start or s.sample is None for s in seqs):
-            rows, sampling = self._decode_rows(batch.decode_ids, riders) if riders else (DecodeRows(), {})
+            rows, sampling = self._decode_rows(batch.decode_ids, riders, records=records) \
+                if riders else (DecodeRows(), {})
             step = MixedBatch(self._step_id(), batch.group, tuple(seqs), rows, sampling)
             ids += tuple(rows.request_ids)
         else:
             step = PrefillBatch(self._step_id(), batch.group, tuple(seqs))
-        return self._launch(step, Batch(ids, batch.group))
+        return self._launch(step, Batch(ids, batch.group), records)
 
     def _schedule_decode(self, view: ClusterView) -> list[Step]:
         """Decode batches on disjoint groups; each batch's plan sees the instances that the
@@ -271,9 +283,10 @@ class Scheduler:
 
     def _decode_step(self, batch: Batch, plan: DecodePlan) -> DecodeBatch:
         steps = self._decode_steps(plan)
-        rows, sampling = self._decode_rows(batch.request_ids, plan, steps)
+        records: dict[int, list[dict]] = {}
+        rows, sampling = self._decode_rows(batch.request_ids, plan, steps, records)
         return self._launch(DecodeBatch(self._step_id(), tuple(plan.group), rows, steps, sampling),
-                            Batch(tuple(rows.request_ids), tuple(plan.group)))
+                            Batch(tuple(rows.request_ids), tuple(plan.group)), records)
 
     def _decode_steps(self, plan: DecodePlan) -> int:
         """Iterations for a multi-step batch: at most `decode_steps`, no more than any request
@@ -286,30 +299,24 @@ class Scheduler:
         room = min((self.allocators[m].num_free // n for m, n in per_master.items()), default=1)
         return max(1, min(self.decode_steps, left, room))
 
-    def _decode_rows(self, request_ids: tuple[int, ...], plan: DecodePlan, steps: int = 1
-                     ) -> tuple[DecodeRows, dict]:
-        """The batch's rows, and `(params, seed)` of the requests whose master has not got them."""
+    def _decode_rows(self, request_ids: tuple[int, ...], plan: DecodePlan, steps: int = 1,
+                     records: dict[int, list[dict]] | None = None) -> tuple[DecodeRows, dict]:
+        """The batch's rows, and `(params, seed)` of the requests whose master has not got them;
+        a master that holds none of a request's KV yet is a scale-up, noted in `records`."""
         rows, sampling = DecodeRows(), {}
-        group = tuple(plan.group)
         for rid in request_ids:
             if rid not in plan.masters:
                 continue
             req, master = self.requests[rid], plan.masters[rid]
             slots = self.allocators[master].allocate(steps)
             position = req.num_kv
-            if master not in req.placement:
-                req.esp["scale_events"].append({"kind": "scale_up", "rank": master, "at_token": position})
-                held = array("q")
-            else:
-                held = req.placement.pop(master)
-            held.extend(slots)
-            req.placement[master] = held
-            req.placement_version += 1
-            req.in_flight = True
+            if master not in req.placement and records is not None:
+                records.setdefault(rid, []).append({"kind": "scale_up", "rank": master, "at_token": position})
+            req.add_slots(master, slots)
+            req.enter_step()
             if master not in req.sampling_on:
                 sampling[rid] = (req.params, req.seed)
                 req.sampling_on.add(master)
-            req.record_decode(group, master, steps)
             rows.append(DecodeSeq(rid, req.output_ids[-1], position, master, slots[0], tuple(req.placement),
                                   len(req.output_ids), tuple(slots[1:])))
         return rows, sampling
@@ -321,10 +328,7 @@ class Scheduler:
         if surplus <= 0:
             return
         master = step.rows.masters[step.rows.request_ids.index(req.id)]
-        slots = req.placement[master]
-        self.allocators[master].free(slots[-surplus:])
-        del slots[-surplus:]
-        req.placement_version += 1
+        self.allocators[master].free(req.drop_last(master, surplus))
 
     def _schedule_migrations(self, view: ClusterView) -> list[Step]:
         if not view.running:
@@ -338,29 +342,26 @@ class Scheduler:
         req = self.requests[request_id]
         src_slots = req.placement[src][-tokens:]
         dst_slots = self.allocators[dst].allocate(tokens)
-        req.in_flight = True
-        req.esp["scale_events"].append({"kind": "migrate", "src": src, "dst": dst, "tokens": tokens})
+        req.enter_step()
         step = MigrateKV(self._step_id(), request_id, src, dst, src_slots, dst_slots, chunk)
-        return self._launch(step, Batch((request_id,), step.group))
+        event = {"kind": "migrate", "src": src, "dst": dst, "tokens": tokens}
+        return self._launch(step, Batch((request_id,), step.group), {request_id: [event]})
 
-    def _complete_migration(self, move: MigrateKV) -> Request:
+    def _complete_migration(self, move: MigrateKV, records: dict[int, list[dict]]) -> Request:
         req = self.requests[move.request_id]
-        req.in_flight = False
-        self.allocators[move.src].free(move.src_slots)
-        kept = req.placement.pop(move.src)[: -len(move.src_slots)]
-        if kept:
-            req.placement[move.src] = kept
-        req.placement[move.dst] = req.placement.pop(move.dst, array("q")) + move.dst_slots
-        req.placement_version += 1
-        if req.abort_requested:
-            self._finish(req, "abort")
+        self.allocators[move.src].free(req.drop_last(move.src, len(move.src_slots)))
+        req.add_slots(move.dst, move.dst_slots)
+        req.leave_step()
+        _record(req, records.get(req.id, ()))
+        if req.finish_reason:
+            self._finish(req, req.finish_reason)
         return req
 
     def _preempt_if_stuck(self) -> bool:
         """Last resort when nothing can run: recompute the newest running request later. A lone
         request that has filled every pool ends with an error instead."""
-        running = [r for r in self.running.values() if not r.in_flight]
-        running += [r for r in self.waiting if r.placement and not r.in_flight]
+        running = [r for r in self.running.values() if r.status is Status.RUNNING]
+        running += [r for r in self.waiting if r.placement and r.status is Status.WAITING]
         if not running:
             if self.waiting:
                 head = self.waiting.popleft()
@@ -377,10 +378,9 @@ class Scheduler:
             self.stuck.append(victim)
             return False
         self._free(victim)
-        self.waiting.touch()
-        victim.esp["preemptions"] += 1
+        victim.esp.preemptions += 1
         if victim.status is Status.RUNNING:
-            victim.status = Status.WAITING
+            victim.requeue()
             del self.running[victim.id]
             self.waiting.appendleft(victim)
         return True
@@ -395,7 +395,7 @@ class Scheduler:
         touched = []
         for rid, token in sampled.items():
             req = self.requests.get(rid)
-            if req is None or req.finish_reason or req.abort_requested:
+            if req is None or req.finish_reason:
                 continue
             req.append(token)
             touched.append(req)
@@ -407,56 +407,57 @@ class Scheduler:
         requests failed alone inside the step (sampling): they end with that error."""
         flight = self.in_flight.pop(step_id)
         step = flight.step
-        self.busy -= set(step.group)
         if isinstance(step, MigrateKV):
-            req = self._complete_migration(step)
+            req = self._complete_migration(step, flight.records)
             return [req] if req.finish_reason else []
         failed = failed or {}
-        first = dict(zip(step.rows.request_ids, step.rows.indices)) \
-            if isinstance(step, DecodeBatch) and step.steps > 1 else None
+        rows = step.rows if isinstance(step, DecodeBatch) else step.decode if isinstance(step, MixedBatch) else None
+        first = dict(zip(rows.request_ids, rows.indices)) if rows is not None else {}
         touched = []
         for rid in flight.request_ids:
             req = self.requests[rid]
-            req.in_flight = False
-            if req.abort_requested:
-                self._finish(req, "abort")
-            elif rid in failed:
-                self._finish(req, "error", failed[rid])
-            elif req.finish_reason:  # it ended on a token streamed earlier in the round
-                self._finish(req, req.finish_reason)
-            elif rid in sampled:
-                tokens = sampled[rid] if isinstance(sampled[rid], list) else [sampled[rid]]
-                for token in tokens:
-                    req.append(token)
-                    if req.finish_reason:
-                        self._finish(req, req.finish_reason)
-                        break
-                else:
-                    if first is not None:
-                        self._free_unused(req, step, len(req.output_ids) - first[rid])
-            elif req.status is Status.WAITING:
-                self.waiting.touch()
-                continue
-            else:
+            if rid in failed and not req.finish_reason:
+                req.finish("error", failed[rid])
+            got = sampled.get(rid)
+            for token in (got if isinstance(got, list) else [] if got is None else [got]):
+                if req.finish_reason:
+                    break
+                req.append(token)
+            if rid in first:
+                if isinstance(step, DecodeBatch) and not req.finish_reason:
+                    self._free_unused(req, step, len(req.output_ids) - first[rid])
+                self._record_decode(req, step, len(req.output_ids) - first[rid])
+            _record(req, flight.records.get(rid, ()))
+            req.leave_step()
+            if req.finish_reason:
+                self._finish(req, req.finish_reason, req.error)
+            elif got is None and req.status is not Status.WAITING:
                 self._finish(req, "error", f"step {step_id} returned no token for this request")
+            elif got is None:
+                continue  # a chunk that does not end its prompt
             touched.append(req)
         return touched
+
+    def _record_decode(self, req: Request, step: DecodeBatch | MixedBatch, produced: int) -> None:
+        rows = step.rows if isinstance(step, DecodeBatch) else step.decode
+        master = rows.masters[rows.request_ids.index(req.id)]
+        req.esp.decode_groups[tuple(step.group)] += produced
+        req.esp.masters[master] += produced
 
     def fail(self, step_id: int, message: str, max_failures: int = 2) -> list[Request]:
         """A step failed in the backend. Its requests go back to the waiting queue to be
         recomputed from their prompt plus the tokens they already have; one that has now been
         in `max_failures` failed steps ends with the error instead. Returns the ended ones."""
         flight = self.in_flight.pop(step_id)
-        self.busy -= set(flight.step.group)
         ended = []
         for rid in flight.request_ids:
             req = self.requests.get(rid)
             if req is None:
                 continue
-            req.in_flight = False
+            req.leave_step()
             req.failures += 1
-            if req.abort_requested:
-                self._finish(req, "abort")
+            if req.finish_reason:
+                self._finish(req, req.finish_reason, req.error)
             elif req.failures >= max_failures:
                 self._finish(req, "error", f"{message} (the request failed {req.failures} steps; not retried)")
             else:
@@ -466,50 +467,39 @@ class Scheduler:
         return ended
 
     def _requeue(self, req: Request) -> None:
-        """Drop the request's KV and put it back at the head of the waiting queue, in arrival order."""
+        """Drop the request's KV and put it back in the waiting queue, in arrival order."""
         self._free(req)
         req.recomputed += 1
         self.recomputed_total += 1
-        if req.status is Status.RUNNING:
-            req.status = Status.WAITING
-            del self.running[req.id]
-        else:
+        if self.running.pop(req.id, None) is None:
             self.waiting.remove(req)
+        req.requeue()
         ahead = next((i for i, r in enumerate(self.waiting) if (r.arrival, r.id) > (req.arrival, req.id)),
                      len(self.waiting))
         self.waiting.insert(ahead, req)
-        self.waiting.touch()
 
     def reset(self, kv_slots: list[int]) -> None:
         """The backend restarted with empty pools: every request is recomputed, oldest first."""
         assert not self.in_flight, "reset with steps in flight"
         self.allocators = [SlotAllocator(n) for n in kv_slots]
-        self.busy.clear()
         self.releases.clear()
-        for req in sorted(self.requests.values(), key=lambda r: (r.arrival, r.id)):
-            held = bool(req.placement) or req.status is Status.RUNNING
-            req.placement = {}
-            req.sampling_on = set()
-            req.placement_version += 1
-            if held:
+        for req in self.requests.values():
+            if req.take_placement() or req.id in self.running:
                 req.recomputed += 1
                 self.recomputed_total += 1
-            if req.status is Status.RUNNING:
-                req.status = Status.WAITING
-                del self.running[req.id]
+            req.requeue()
+        self.running.clear()
         self.waiting.clear()
         self.waiting.extend(sorted(self.requests.values(), key=lambda r: (r.arrival, r.id)))
-        self.waiting.touch()
 
     # -- helpers ------------------------------------------------------------------------
-    def _launch(self, step: Step, batch: Batch) -> Step:
-        """Mark the step's instances busy and its requests in it; the releases pending for its
-        members ride on it."""
+    def _launch(self, step: Step, batch: Batch, records: dict[int, list[dict]] | None = None) -> Step:
+        """Put the step in flight (its instances are busy until it completes); the releases
+        pending for its members ride on it."""
         released = {r: tuple(self.releases.pop(r)) for r in step.group if r in self.releases}
         if released:
             step = replace(step, released=released)
-        self.busy |= set(step.group)
-        self.in_flight[step.step_id] = InFlight(step, batch.request_ids)
+        self.in_flight[step.step_id] = InFlight(step, batch.request_ids, records or {})
         return step
 
     def _step_id(self) -> int:
@@ -521,24 +511,29 @@ class Scheduler:
         return SampleSpec(req.params, req.seed, len(req.output_ids))
 
     def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
-        if req.status is Status.WAITING and req in self.waiting:
+        """End a request that is in no step: free everything it holds and forget it."""
+        if self.running.pop(req.id, None) is None and req in self.waiting:
             self.waiting.remove(req)
         if not req.finish_reason:
             req.finish(reason, error)
+        req.status = Status.FINISHED
         self._free(req)
         self.requests.pop(req.id, None)
-        self.running.pop(req.id, None)
         self._views.pop(req.id, None)
 
     def _free(self, req: Request) -> None:
         """Free the request's slots; the instances that know it forget it with their next step."""
-        for rank, slots in req.placement.items():
+        ranks = req.sampling_on.union(req.placement)
+        for rank, slots in req.take_placement().items():
             self.allocators[rank].free(slots)
-        for rank in req.sampling_on.union(req.placement):
+        for rank in ranks:
             self.releases.setdefault(rank, []).append(req.id)
-        req.placement = {}
-        req.sampling_on = set()
-        req.placement_version += 1
 
     def free_slots(self) -> list[int]:
         return [a.num_free for a in self.allocators]
+
+
+def _record(req: Request, records) -> None:
+    """A completed step's records: prefill placements (with a group) and scale events (with a kind)."""
+    for record in records:
+        (req.esp.prefill if "group" in record else req.esp.scale_events).append(record)

@@ -1,342 +1,170 @@
-"""Text <-> token ids for sentencepiece (Llama-style) checkpoints, streaming detokenization and
-chat prompts.
+"""Text <-> token ids: the `Tokenizer` interface the engine uses, and `Tokenizer.from_dir`, which
+loads the implementation a checkpoint's files call for.
 
-`Tokenizer.decode` is sentencepiece's own decoder. `IncrementalDetokenizer` reproduces its rules
-token by token in O(1) per token, so streamed text concatenates to exactly what `decode` gives:
+- `tokenizer.json` (Llama-3.x, Qwen2.5, Qwen3, and most checkpoints since 2023): the Hugging Face
+  `tokenizers` library (`tokenizer_hf.HFTokenizer`). When a checkpoint ships both files this one
+  is used, as transformers does (its fast tokenizer): it is the one that knows the special tokens
+  chat templates emit.
+- `tokenizer.model` alone (Llama-2-era checkpoints, the bundled esp-tiny): sentencepiece
+  (`tokenizer_sp.SentencePieceTokenizer`).
 
-- control pieces (`<s>`, `</s>`) render as nothing; the unknown piece renders as its surface;
-- a normal piece renders with `▁` turned into a space, except that the first piece of the
-  sequence after only control pieces loses one leading `▁` (the dummy prefix);
-- a run of byte pieces (`<0xE2>`) is decoded as UTF-8 one character at a time, and every byte
-  that does not start a valid character becomes one U+FFFD. A run ends at any non-byte piece.
+Both read the rest of the checkpoint the same way (`CheckpointFiles`): `tokenizer_config.json`
+(special tokens, `add_bos_token`, `chat_template`), `chat_template.jinja`, the EOS ids of
+`config.json` and `generation_config.json` (stop tokens, together with the tokenizer's own
+`eos_token`), and `generation_config.json`'s sampling defaults (`generation_defaults`).
 """
 from __future__ import annotations
 
-import enum
+import abc
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
-import sentencepiece as spm
+from esp.engine.chat_template import (ROLES, fallback_chat_prompt, load_chat_template, render_chat_template,
+                                      validate_messages)
+from esp.engine.generation_defaults import GenerationDefaults
 
-__all__ = ["ROLES", "IncrementalDetokenizer", "Tokenizer", "fallback_chat_prompt", "validate_messages"]
-
-ROLES = ("system", "user", "assistant")
-_SPACE = "\u2581"
-_REPLACEMENT = "\ufffd"
-
-
-class _Kind(enum.IntEnum):
-    NORMAL = 0
-    CONTROL = 1
-    UNKNOWN = 2
-    BYTE = 3
+__all__ = ["ROLES", "CheckpointFiles", "Detokenizer", "Tokenizer", "fallback_chat_prompt", "validate_messages"]
 
 
-class _Strip(enum.Enum):
-    """How sentencepiece treats a leading `▁` at the start of the decoded text."""
+class Detokenizer(Protocol):
+    """Streams the text of the tokens that follow a prompt.
 
-    NEVER = "never"        # add_dummy_prefix and remove_extra_whitespaces both off
-    ONCE = "once"          # add_dummy_prefix: only the first non-control piece loses its `▁`
-    UNTIL_TEXT = "until"   # remove_extra_whitespaces: every piece does, until text is non-empty
-
-
-class Tokenizer:
-    """A sentencepiece model plus what the checkpoint says about BOS/EOS and chat prompts.
-
-    `encode` never parses special-token strings: `"<s>"` in text is encoded as text. As in every
-    sentencepiece model, a literal `▁` (U+2581) in text decodes as a space.
+    Contract: with `S` the concatenation of every `step()` result and a final `flush()`, and `P`
+    the prompt ids, `decode(P)[:len(decode(P)) - prompt_carry] + S == decode(P + outputs)`.
+    `prompt_carry` counts the trailing characters of `decode(P)` that are not final yet (a
+    character split between prompt and output is emitted whole by the output; almost always 0).
+    `step` never returns part of a multi-byte character; `flush` settles what is pending.
     """
 
-    def __init__(self, sp: spm.SentencePieceProcessor, *, add_bos: bool = True,
-                 bos_token_id: int | None = None, eos_token_ids: Iterable[int] | None = None,
-                 chat_template: str | None = None) -> None:
-        self.sp = sp
-        n = sp.get_piece_size()
-        bos = sp.bos_id() if bos_token_id is None else bos_token_id
-        self.bos_token_id: int | None = bos if 0 <= bos < n else None
-        eos = [sp.eos_id()] if eos_token_ids is None else list(eos_token_ids)
-        self.eos_token_ids: frozenset[int] = frozenset(e for e in eos if 0 <= e < n)
-        self.add_bos = add_bos and self.bos_token_id is not None
+    prompt_carry: int
+
+    def step(self, new_ids: Iterable[int]) -> str: ...
+
+    def flush(self) -> str: ...
+
+
+class Tokenizer(abc.ABC):
+    """A vocabulary plus what the checkpoint says about BOS, EOS, chat prompts and sampling.
+
+    `bos_token_id` (None when the model has none), `eos_token_ids` (every id that stops
+    generation), `add_bos` (whether `encode` puts BOS first by default), `chat_template` (the
+    jinja source, or None) and `generation_defaults` are plain attributes.
+    """
+
+    encodes_specials_as_text = False  # does `encode("<s>")` spell out "<s>" instead of giving BOS?
+
+    def __init__(self, *, bos_token_id: int | None, eos_token_ids: Iterable[int], add_bos: bool,
+                 chat_template: str | None, generation_defaults: GenerationDefaults | None = None) -> None:
+        self.bos_token_id = bos_token_id
+        self.eos_token_ids: frozenset[int] = frozenset(eos_token_ids)
+        self.add_bos = add_bos and bos_token_id is not None
         self.chat_template = chat_template
-        self._compiled_template = None
-        self._kind = [_Kind.NORMAL] * n
-        self._surface = [""] * n
-        self._byte = [0] * n
-        self._leading_space = [False] * n
-        for i in range(n):
-            piece = sp.id_to_piece(i)
-            if sp.is_control(i):
-                self._kind[i] = _Kind.CONTROL
-            elif sp.is_unknown(i):
-                self._kind[i] = _Kind.UNKNOWN
-                self._surface[i] = sp.decode([i])
-            elif sp.is_byte(i):
-                self._kind[i] = _Kind.BYTE
-                self._byte[i] = int(piece[3:5], 16)
-            else:
-                self._surface[i] = piece.replace(_SPACE, " ")
-                self._leading_space[i] = piece.startswith(_SPACE)
-        self._strip = self._probe_strip()
+        self.generation_defaults = generation_defaults or GenerationDefaults()
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> Tokenizer:
-        """Load `tokenizer.model`; `tokenizer_config.json` (`add_bos_token`, default true;
-        `chat_template`), `chat_template.jinja`, and the BOS/EOS ids of `config.json` and
-        `generation_config.json` are read when present (EOS ids of both are stop tokens)."""
+        """The tokenizer of a Hugging Face style checkpoint directory (see the module docstring).
+        Raises `FileNotFoundError` when it has neither `tokenizer.json` nor `tokenizer.model`, and
+        `ValueError` naming the file when one of its files is broken."""
         d = Path(model_dir)
-        path = d / "tokenizer.model"
-        if not path.is_file():
-            raise FileNotFoundError(f"no tokenizer.model in {d}")
-        sp = spm.SentencePieceProcessor(model_file=str(path))
-        tok_cfg = _read_json(d / "tokenizer_config.json")
-        config = _read_json(d / "config.json")
-        gen = _read_json(d / "generation_config.json")
-        bos = config.get("bos_token_id", gen.get("bos_token_id"))
-        eos = _id_set(config.get("eos_token_id")) | _id_set(gen.get("eos_token_id"))
-        template = None
-        if (d / "chat_template.jinja").is_file():
-            template = (d / "chat_template.jinja").read_text(encoding="utf-8")
-        elif tok_cfg.get("chat_template"):
-            template = _pick_template(tok_cfg["chat_template"])
-        return cls(sp, add_bos=bool(tok_cfg.get("add_bos_token", True)),
-                   bos_token_id=bos if isinstance(bos, int) else None, eos_token_ids=eos or None,
-                   chat_template=template)
+        if (d / "tokenizer.json").is_file():
+            from esp.engine.tokenizer_hf import HFTokenizer
+            return HFTokenizer.from_dir(d)
+        if (d / "tokenizer.model").is_file():
+            from esp.engine.tokenizer_sp import SentencePieceTokenizer
+            return SentencePieceTokenizer.from_dir(d)
+        raise FileNotFoundError(f"no tokenizer.json or tokenizer.model in {d}")
 
     @property
+    @abc.abstractmethod
     def vocab_size(self) -> int:
-        return self.sp.get_piece_size()
+        """Ids are in [0, vocab_size)."""
 
+    @abc.abstractmethod
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`, with BOS first when `add_bos` (default: what the model expects)."""
-        if not isinstance(text, str):
-            raise TypeError(f"text must be a str, got {type(text).__name__}")
-        ids = self.sp.encode(text)
-        if (self.add_bos if add_bos is None else add_bos) and self.bos_token_id is not None:
-            ids.insert(0, self.bos_token_id)
-        return ids
 
+    @abc.abstractmethod
     def decode(self, ids: Iterable[int]) -> str:
         """The text of `ids` (special tokens are not rendered)."""
-        return self.sp.decode(self._checked(ids))
 
-    def detokenizer(self, prompt_ids: Sequence[int] = ()) -> IncrementalDetokenizer:
+    @abc.abstractmethod
+    def detokenizer(self, prompt_ids: Sequence[int] = ()) -> Detokenizer:
         """A streaming decoder for the tokens that follow `prompt_ids` (read in O(1), not copied)."""
-        return IncrementalDetokenizer(self, prompt_ids)
+
+    @abc.abstractmethod
+    def special_tokens(self) -> dict[str, str]:
+        """The named special tokens a chat template may use (`bos_token`, `eos_token`, ...)."""
 
     def apply_chat_template(self, messages: list[dict]) -> str:
         """The prompt text for `messages`, ending where the assistant's reply starts.
 
         With a chat template (from the checkpoint) and jinja2 installed, the template is rendered
-        with `add_generation_prompt=True`; a BOS string it starts with is dropped, since `encode`
-        adds BOS. Otherwise `fallback_chat_prompt`. Raises `ValueError` for malformed messages or
-        a template that rejects them.
+        with `add_generation_prompt=True`, so that `encode` of the result gives one BOS: where
+        `encode` reads special-token strings as text (`encodes_specials_as_text`), a BOS string
+        the template starts with is dropped when `encode` adds BOS; otherwise that string is BOS
+        and `encode` adds no second one. Without a template, `fallback_chat_prompt`. Raises
+        `ValueError` for malformed messages or a template that rejects them.
         """
         validate_messages(messages)
-        template = self._template()
-        if template is None:
+        tokens = self.special_tokens()
+        text = None
+        if self.chat_template is not None:
+            text = render_chat_template(self.chat_template, messages, tokens)
+        if text is None:
             return fallback_chat_prompt(messages)
-        bos = self.sp.id_to_piece(self.bos_token_id) if self.bos_token_id is not None else ""
-        eos_id = self.sp.eos_id() if self.sp.eos_id() in self.eos_token_ids else min(self.eos_token_ids,
-                                                                                       default=None)
-        eos = self.sp.id_to_piece(eos_id) if eos_id is not None else ""
-        unk = self.sp.id_to_piece(self.sp.unk_id()) if self.sp.unk_id() >= 0 else ""
-        try:
-            text = template.render(messages=messages, add_generation_prompt=True, bos_token=bos,
-                                   eos_token=eos, unk_token=unk)
-        except ValueError:
-            raise
-        except Exception as err:  # jinja2 errors: the template refused these messages
-            raise ValueError(f"chat template failed: {err}") from None
-        if bos and self.add_bos and text.startswith(bos):
+        bos = tokens.get("bos_token", "")
+        if bos and self.add_bos and self.encodes_specials_as_text and text.startswith(bos):
             text = text[len(bos):]
         return text
 
-    # -- internals ------------------------------------------------------------------------
-    def _checked(self, ids: Iterable[int]) -> list[int]:
-        out = [int(i) for i in ids]
-        n = self.vocab_size
-        bad = next((i for i in out if not 0 <= i < n), None)
-        if bad is not None:
-            raise ValueError(f"token id {bad} is out of range [0, {n})")
-        return out
 
-    def _template(self):
-        if self.chat_template is None:
-            return None
-        if self._compiled_template is None:
-            try:
-                from jinja2.sandbox import ImmutableSandboxedEnvironment
-            except ImportError:
-                return None
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = _raise_template_error
-            self._compiled_template = env.from_string(self.chat_template)
-        return self._compiled_template
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """The JSON files of a checkpoint directory that shape tokenization (empty when absent)."""
 
-    def _probe_strip(self) -> _Strip:
-        """Find out from sentencepiece itself how it strips the leading `▁` of decoded text."""
-        word = next((i for i in range(self.vocab_size) if self._kind[i] == _Kind.NORMAL
-                     and self.sp.id_to_piece(i).startswith(_SPACE) and len(self.sp.id_to_piece(i)) > 1
-                     and _SPACE not in self.sp.id_to_piece(i)[1:]), None)
-        if word is None or self.sp.decode([word]) == self._surface[word]:
-            return _Strip.NEVER
-        space = self.sp.piece_to_id(_SPACE)
-        if self._kind[space] == _Kind.NORMAL and self.sp.id_to_piece(space) == _SPACE:
-            if self.sp.decode([space, word]) == self._surface[word][1:]:
-                return _Strip.UNTIL_TEXT
-        return _Strip.ONCE
+    dir: Path
+    tokenizer_config: dict
+    config: dict
+    generation_config: dict
+
+    @classmethod
+    def read(cls, model_dir: Path) -> CheckpointFiles:
+        return cls(model_dir, *(read_json(model_dir / name) for name in
+                                ("tokenizer_config.json", "config.json", "generation_config.json")))
+
+    def eos_ids(self) -> frozenset[int]:
+        """`eos_token_id` of `config.json` and of `generation_config.json`, together."""
+        return _id_set(self.config.get("eos_token_id")) | _id_set(self.generation_config.get("eos_token_id"))
+
+    def chat_template(self) -> str | None:
+        return load_chat_template(self.dir, self.tokenizer_config)
+
+    def generation_defaults(self) -> GenerationDefaults:
+        return GenerationDefaults.from_config(self.generation_config, str(self.dir / "generation_config.json"))
+
+    def token_string(self, key: str) -> str | None:
+        """`tokenizer_config.json`'s special token `key` (a string or an `AddedToken` object)."""
+        value = self.tokenizer_config.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        return value if isinstance(value, str) and value else None
 
 
-class IncrementalDetokenizer:
-    """Streams the text of the tokens that follow a prompt.
-
-    Contract (checked by the tests against `Tokenizer.decode`): with `S` the concatenation of
-    every `step()` result and a final `flush()`, and `P` the prompt ids,
-    `decode(P)[:len(decode(P)) - prompt_carry] + S == decode(P + outputs)`. `prompt_carry` is the
-    number of trailing prompt bytes that do not yet form a whole character (almost always 0); they
-    are carried into the output, so a character split between prompt and output is emitted whole.
-    `step` never returns part of a multi-byte character; `flush` settles what is pending (bytes
-    that never completed a character become U+FFFD, one per byte, as in `decode`).
-    Cost: O(len(new_ids)) per `step`; construction reads only the prompt's leading control
-    tokens and its last three tokens.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = ()) -> None:
-        self._tok = tokenizer
-        self._fresh = True
-        self._pending = bytearray()
-        kinds, values, vocab = tokenizer._kind, tokenizer._byte, tokenizer.vocab_size
-
-        def read(j: int) -> int:
-            i = int(prompt_ids[j])
-            if not 0 <= i < vocab:
-                raise ValueError(f"token id {i} is out of range [0, {vocab})")
-            return i
-
-        end = len(prompt_ids)
-        j = 0
-        while self._fresh and j < end:
-            i = read(j)
-            if kinds[i] == _Kind.BYTE:
-                self._fresh = False
-            else:
-                self._render(i)
-            j += 1
-        start = end
-        while start > 0 and end - start < 3 and kinds[read(start - 1)] == _Kind.BYTE:
-            start -= 1
-        lead = next((j for j in range(end - 1, start - 1, -1) if not _is_trail(values[read(j)])), None)
-        if lead is not None:
-            self._pending.extend(values[read(j)] for j in range(lead, end))
-            self._settle(final=False)
-        self.prompt_carry = len(self._pending)
-
-    def step(self, new_ids: Iterable[int]) -> str:
-        """The text that `new_ids` complete."""
-        tok = self._tok
-        out: list[str] = []
-        for i in tok._checked(new_ids):
-            if tok._kind[i] == _Kind.BYTE:
-                self._fresh = False
-                self._pending.append(tok._byte[i])
-                out.append(self._settle(final=False))
-            else:
-                if self._pending:
-                    out.append(self._settle(final=True))
-                out.append(self._render(i))
-        return "".join(out)
-
-    def flush(self) -> str:
-        """Settle pending bytes as if the sequence ended here."""
-        return self._settle(final=True)
-
-    def _render(self, i: int) -> str:
-        """The text of non-byte piece `i` at this point of the sequence; updates `_fresh`."""
-        tok = self._tok
-        kind = tok._kind[i]
-        if kind == _Kind.CONTROL:
-            return ""
-        text = tok._surface[i]
-        if self._fresh:
-            if kind == _Kind.NORMAL and tok._strip != _Strip.NEVER and tok._leading_space[i]:
-                text = text[1:]
-            self._fresh = tok._strip == _Strip.UNTIL_TEXT and not text
-        return text
-
-    def _settle(self, final: bool) -> str:
-        """Decode whole characters off the front of the pending bytes; with `final`, all of them."""
-        buf = self._pending
-        out: list[str] = []
-        o, n = 0, len(buf)
-        while o < n:
-            need = _char_len(buf[o])
-            if n - o < need:
-                if not final and all(_is_trail(b) for b in buf[o + 1:]):
-                    break
-                out.append(_REPLACEMENT)
-                o += 1
-                continue
-            try:
-                out.append(bytes(buf[o:o + need]).decode("utf-8"))
-                o += need
-            except UnicodeDecodeError:
-                out.append(_REPLACEMENT)
-                o += 1
-        del buf[:o]
-        return "".join(out)
-
-
-def _char_len(lead: int) -> int:
-    """Bytes a UTF-8 character starting with `lead` would take (1 for bytes that start none)."""
-    if 0xC0 <= lead <= 0xDF:
-        return 2
-    if 0xE0 <= lead <= 0xEF:
-        return 3
-    if 0xF0 <= lead <= 0xF7:
-        return 4
-    return 1
-
-
-def _is_trail(b: int) -> bool:
-    return 0x80 <= b <= 0xBF
-
-
-def validate_messages(messages: object) -> None:
-    """Raise `ValueError` unless `messages` is a non-empty list of
-    `{"role": "system"|"user"|"assistant", "content": str}` dicts (other keys are allowed)."""
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
-    for k, m in enumerate(messages):
-        if not isinstance(m, Mapping):
-            raise ValueError(f"messages[{k}] must be an object with 'role' and 'content', got {type(m).__name__}")
-        role = m.get("role")
-        if not isinstance(role, str) or role not in ROLES:
-            raise ValueError(f"messages[{k}].role must be one of {', '.join(map(repr, ROLES))}, got {role!r}")
-        if not isinstance(m.get("content"), str):
-            got = type(m["content"]).__name__ if "content" in m else "nothing"
-            raise ValueError(f"messages[{k}].content must be a string, got {got}")
-
-
-def fallback_chat_prompt(messages: list[dict]) -> str:
-    """The chat format for checkpoints without a template: one `"<role>: <content>\\n"` line per
-    message, then `"assistant:"` (the reply continues that line)."""
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-
-
-def _raise_template_error(message: str) -> None:
-    raise ValueError(f"chat template: {message}")
-
-
-def _pick_template(value: object) -> str | None:
-    """`chat_template` is a string or a list of `{"name", "template"}` (the "default" one is used)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
-        chosen = named.get("default")
-        return chosen if isinstance(chosen, str) else None
-    return None
+def read_json(path: Path) -> dict:
+    """The JSON object in `path` ({} when there is no such file); `ValueError` naming the file otherwise."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _id_set(value: object) -> frozenset[int]:
@@ -347,10 +175,3 @@ def _id_set(value: object) -> frozenset[int]:
     if isinstance(value, list):
         return frozenset(v for v in value if isinstance(v, int) and not isinstance(v, bool))
     return frozenset()
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return data if isinstance(data, dict) else {}

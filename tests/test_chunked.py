@@ -13,7 +13,7 @@ from esp.engine.protocol import MixedBatch
 from esp.engine.scheduler import Scheduler
 from esp.policies import Batch, Dispatch, PolicyOptions, load_policy_set
 from esp.policies.chunked import ChunkedBatching, ChunkedScheduling
-from tests.test_scheduler import make_request, run_until_idle, sampled_by
+from tests.scheduler_helpers import make_request, run_until_idle, sampled_by
 
 
 def chunked(chunk: int, max_batch: int = 256):
@@ -34,7 +34,7 @@ def test_a_long_prompt_runs_in_budget_sized_chunks_with_decodes_riding_along():
     assert all(list(st.decode.request_ids) == [1] for st in mixed)
     assert [q.sample is not None for st in mixed for q in st.seqs] == [False, False, True]
     assert mixed[1].seqs[0].token_ids == long_.prompt_ids[15:30]
-    assert long_.esp["prefill"][-1]["chunk"] == [30, 40]
+    assert long_.esp.prefill[-1]["chunk"] == [30, 40]
     assert short.output_ids == [5] * 8 and long_.output_ids == [5, 5]
     assert s.free_slots() == [200] and not s.requests
 
@@ -62,7 +62,7 @@ def test_abort_during_a_chunk_frees_its_slots_when_the_step_returns():
     s.add(req)
     steps, _ = s.schedule()
     assert s.free_slots() == [56]
-    assert s.abort(1) is None
+    assert s.abort(1) is req and req.in_step and s.free_slots() == [56]
     s.complete(steps[0].step_id, sampled_by(steps[0]))
     assert req.finish_reason == "abort" and s.free_slots() == [64] and not s.waiting and not s.requests
 

@@ -31,6 +31,7 @@ def test_cli_generate_json_is_greedy_and_matches_the_engine():
     (["generate"], "one of the arguments --prompt --prompt-ids is required"),
     (["generate", "--prompt", "x", "--policy", "nope"], "unknown policy 'nope'; choices: chunked, disagg, loong, replicas, static-sp"),
     (["generate", "--prompt-ids", "1,a"], "comma-separated integers"),
+    (["generate", "--prompt", "x", "--temperature", "500"], "temperature must be 0 (greedy) or in"),
     (["serve", "--instances", "0"], "positive integer"),
 ])
 def test_cli_bad_flags_give_one_line_and_nonzero_exit(args, message):
@@ -85,12 +86,12 @@ def test_device_cuda_without_cuda_says_how_to_get_it(command):
 
 @pytest.mark.parametrize("make, missing", [
     (lambda tmp: tmp / "nonexistent", "no such directory"),
-    (lambda tmp: tmp, "missing config.json, *.safetensors weights, tokenizer.model"),
+    (lambda tmp: tmp, "missing config.json, *.safetensors weights, tokenizer.json or tokenizer.model"),
 ])
 def test_a_bad_model_directory_is_one_line_naming_it(tmp_path, make, missing):
     path = str(make(tmp_path))
     res = esp_run("generate", "--prompt", "x", "--model", path)
-    assert_one_error_line(res, f"--model {path}", missing, "config.json", "tokenizer.model")
+    assert_one_error_line(res, f"--model {path}", missing, "config.json", "tokenizer.json", "tokenizer.model")
 
 
 def test_serve_on_a_port_in_use_fails_before_the_model_loads():

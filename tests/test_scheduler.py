@@ -5,54 +5,12 @@ from dataclasses import replace
 
 import pytest
 
-from esp.engine.protocol import DecodeBatch, MixedBatch, PrefillBatch
-from esp.engine.request import Request
-from esp.engine.sampling_params import SamplingParams
+from esp.engine.protocol import DecodeBatch, PrefillBatch
+from esp.engine.request import Status
 from esp.engine.scheduler import Scheduler
 from esp.policies import Batch, DecodePlan, KeepPlan, PolicyOptions, load_policy_set
 from esp.policies.fcfs import GreedyScaling
-
-EOS = 2
-
-
-class CharDetokenizer:
-    """Token t renders as chr(ord('a') + t % 26): enough to exercise stop strings."""
-
-    def step(self, ids):
-        return "".join(chr(ord("a") + t % 26) for t in ids)
-
-    def flush(self):
-        return ""
-
-
-def make_request(rid: int, prompt_len: int, max_tokens: int = 4, **kw) -> Request:
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, **kw)
-    return Request(rid, f"r{rid}", list(range(3, 3 + prompt_len)), params, seed=rid,
-                   eos_ids=frozenset({EOS}), detokenizer=CharDetokenizer())
-
-
-def sampled_by(step, token=5) -> dict[int, int]:
-    """What the instances return: a token for each finished prompt and each decode seq."""
-    if isinstance(step, DecodeBatch):
-        return {seq.request_id: token for seq in step.seqs}
-    riders = list(step.decode.request_ids) if isinstance(step, MixedBatch) else []
-    return {seq.request_id: token for seq in step.seqs if seq.sample} | dict.fromkeys(riders, token)
-
-
-def run_until_idle(s: Scheduler, token=5, limit=1000):
-    """Drive schedule -> complete with every request sampling `token`; returns the steps."""
-    seen = []
-    for _ in range(limit):
-        steps, failed = s.schedule()
-        assert not failed
-        if not steps:
-            assert not s.in_flight
-            return seen
-        for step in steps:
-            seen.append(step)
-            s.complete(step.step_id, sampled_by(step, token))
-    raise AssertionError("scheduler did not go idle")
-
+from tests.scheduler_helpers import EOS, make_request, run_until_idle, sampled_by
 
 def loong():
     return load_policy_set("loong", PolicyOptions())
@@ -120,8 +78,9 @@ def test_decode_scales_up_onto_an_idle_instance_when_holders_are_full():
     steps, _ = s.schedule()
     seq = steps[0].seqs[0]
     assert seq.master != holder and set(seq.holders) == {0, 1}
-    assert r.esp["scale_events"][0]["kind"] == "scale_up"
+    assert not r.esp.scale_events  # recorded when the step completes
     s.complete(steps[0].step_id, {1: 5})
+    assert r.esp.scale_events[0]["kind"] == "scale_up" and r.esp.masters == {seq.master: 1}
     run_until_idle(s)
     assert s.free_slots() == [8, 8]
 
@@ -131,9 +90,10 @@ def test_abort_in_flight_frees_slots_when_the_step_returns():
     r = make_request(1, 5, max_tokens=8)
     s.add(r)
     steps, _ = s.schedule()
-    assert s.abort(1) is None and r.abort_requested
+    assert s.abort(1) is r and r.finish_reason == "abort" and r.in_step
+    assert s.free_slots() == [27]  # its prompt's slots stay taken while the step runs
     s.complete(steps[0].step_id, {1: 5})
-    assert r.finish_reason == "abort" and s.free_slots() == [32]
+    assert r.status is Status.FINISHED and s.free_slots() == [32] and not r.output_ids
     assert s.releases == {0: [1]}  # instance 0 forgets it with its next step
     s.add(make_request(2, 5))
     (step,), _ = s.schedule()
@@ -154,7 +114,7 @@ def test_preempts_newest_when_no_slot_is_left():
     s.add(new)
     run_until_idle(s)
     assert old.finish_reason == new.finish_reason == "length"
-    assert new.esp["preemptions"] >= 1 and old.esp["preemptions"] == 0
+    assert new.esp.preemptions >= 1 and old.esp.preemptions == 0
     assert s.free_slots() == [12]
 
 
@@ -165,7 +125,7 @@ def test_loong_admits_on_future_kv_so_it_need_not_preempt():
     s.add(new)
     steps = run_until_idle(s)
     assert old.finish_reason == new.finish_reason == "length"
-    assert new.esp["preemptions"] == old.esp["preemptions"] == 0
+    assert new.esp.preemptions == old.esp.preemptions == 0
     assert [seq.request_id for seq in steps[0].seqs] == [1]
     assert s.free_slots() == [12]
 
@@ -367,3 +327,14 @@ def test_a_broken_decode_plan_fails_its_batch_without_losing_the_batches_launche
     s.complete(steps[0].step_id, {1: 5})
     run_until_idle(s)
     assert a.finish_reason == "length" and s.free_slots() == [32, 32]
+
+
+def test_the_esp_record_counts_the_iterations_a_round_ran_not_those_planned():
+    """A round planned for 4 iterations that ran 2 (it ended early): `usage.esp` says 2, and the
+    slots of the 2 unrun iterations are free again."""
+    s, req = prefilled([20], prompt_len=10, max_tokens=20)
+    (step,), _ = s.schedule()
+    assert step.steps == 4 and req.status is Status.DECODING and req.in_step
+    s.complete(step.step_id, {1: [5, 5]})
+    assert req.esp.decode_groups == {(0,): 2} and req.esp.masters == {0: 2}
+    assert req.status is Status.RUNNING and req.num_kv == 12 and s.free_slots() == [8]

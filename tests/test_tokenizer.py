@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 import sentencepiece as spm
+from hf_tokenizer_fixtures import stream as stream_with
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from esp.engine.tokenizer import IncrementalDetokenizer, Tokenizer, fallback_chat_prompt
+from esp.engine.tokenizer import Tokenizer, fallback_chat_prompt
+from esp.engine.tokenizer_sp import IncrementalDetokenizer
 
 MODEL_DIR = Path(str(files("esp.engine") / "models" / "esp-tiny"))
 SP = spm.SentencePieceProcessor(model_file=str(MODEL_DIR / "tokenizer.model"))
@@ -41,15 +43,7 @@ Streamed = tuple[str, list[str], IncrementalDetokenizer]
 
 def stream(prompt: Sequence[int], outputs: Sequence[int], chunks: Sequence[int] = ()) -> Streamed:
     """Feed `outputs` after `prompt` in chunks of the given sizes (then one at a time)."""
-    d = TOK.detokenizer(prompt)
-    pieces, k = [], 0
-    sizes = list(chunks)
-    while k < len(outputs):
-        n = max(1, sizes.pop(0)) if sizes else 1
-        pieces.append(d.step(outputs[k:k + n]))
-        k += n
-    pieces.append(d.flush())
-    return "".join(pieces), pieces, d
+    return stream_with(TOK, prompt, outputs, chunks)
 
 
 def as_bytes(text: str) -> list[int]:
@@ -324,3 +318,9 @@ def test_chat_template_file_wins_and_bos_kept_without_add_bos(tmp_path):
     d = model_copy(tmp_path, chat_template__jinja="{{ bos_token }}{{ messages[-1].content }}!",
                    tokenizer_config__json={"chat_template": TEMPLATE, "add_bos_token": False})
     assert Tokenizer.from_dir(d).apply_chat_template([{"role": "user", "content": "Hi"}]) == "<s>Hi!"
+
+
+def test_a_broken_tokenizer_model_names_the_file(tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match=r"tokenizer\.model: not a sentencepiece model"):
+        Tokenizer.from_dir(tmp_path)

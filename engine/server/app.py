@@ -17,6 +17,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from esp.engine.errors import EngineStartError, EngineUnavailable, InvalidRequest
+from esp.engine.generation_defaults import defaults_of
 from esp.engine.outputs import RequestOutput
 from esp.engine.server import middleware
 from esp.engine.server.errors import ApiError, internal, retry_after
@@ -56,7 +57,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     engine = _serving(request.app)
-    job = parse_job(decode_json(await request.read()), chat, _served_models(engine))
+    job = parse_job(decode_json(await request.read()), chat, _served_models(engine), defaults_of(engine.tokenizer))
     try:
         encoded = await engine.encode(await chat_prompt(engine.tokenizer, job.messages) if chat else job.prompt)
         params = job.with_max_tokens(len(encoded), engine.max_model_len)

@@ -266,15 +266,18 @@ class Object(Spec):
         return {"type": "object", "properties": props, **({"required": required} if required else {})}
 
 
+MODEL_DEFAULT = "when absent, the model's generation_config.json value, else {}"
 STREAM_OPTIONS = Object({"include_usage": Field(Boolean(), "send a last chunk with the usage", False)})
 
 COMMON: dict[str, Field] = {
     "model": Field(Text(1, MAX_MODEL_CHARS), "the served model's name (see /v1/models); another name is 404"),
     "max_tokens": Field(Integer(1, MAX_INT32), "most tokens to generate (completions: 16 when absent; "
                                                "chat: the rest of the context)"),
-    "temperature": Field(Number(MIN_TEMPERATURE, MAX_TEMPERATURE, zero=True), "0 is greedy", 1.0),
-    "top_p": Field(Number(0, 1, open_lo=True), "nucleus sampling mass", 1.0),
-    "top_k": Field(Integer(-1, MAX_INT32), "sample from the k likeliest tokens; <= 0 disables", 0),
+    "temperature": Field(Number(MIN_TEMPERATURE, MAX_TEMPERATURE, zero=True),
+                         f"0 is greedy; {MODEL_DEFAULT.format(1)}"),
+    "top_p": Field(Number(0, 1, open_lo=True), f"nucleus sampling mass; {MODEL_DEFAULT.format(1)}"),
+    "top_k": Field(Integer(-1, MAX_INT32),
+                   f"sample from the k likeliest tokens; <= 0 disables; {MODEL_DEFAULT.format(0)}"),
     "seed": Field(Integer(INT64_MIN, INT64_MAX), "makes sampling reproducible"),
     "stop": Field(Stop(), "generation ends before any of these strings", ()),
     "ignore_eos": Field(Boolean(), "keep generating past end-of-sequence tokens", False),

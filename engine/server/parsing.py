@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Collection
 
 from esp.engine.errors import InvalidRequest
+from esp.engine.generation_defaults import GenerationDefaults
 from esp.engine.sampling_params import SamplingParams
 from esp.engine.server.errors import ApiError
 from esp.engine.server.fields import CHAT, COMPLETION
@@ -77,9 +78,11 @@ def _depth_exceeds(value: Any, limit: int) -> bool:
     return False
 
 
-def parse_job(body: Any, chat: bool, served_models: Collection[str]) -> Job:
+def parse_job(body: Any, chat: bool, served_models: Collection[str],
+              defaults: GenerationDefaults = GenerationDefaults()) -> Job:
     """Check a decoded body against its endpoint's table; raises `ApiError` (400, or 404 for a
-    model this server does not serve) naming the offending field."""
+    model this server does not serve) naming the offending field. Sampling fields the body
+    leaves out take the model's `defaults`."""
     v = (CHAT if chat else COMPLETION).check(body, None)
     if v["model"] is not None and v["model"] not in served_models:
         raise ApiError(404, f"The model `{v['model']}` does not exist.", "model", "model_not_found")
@@ -88,8 +91,9 @@ def parse_job(body: Any, chat: bool, served_models: Collection[str]) -> Job:
     max_param = "max_completion_tokens" if chat and v.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = v[max_param]
     try:
-        params = SamplingParams(max_tokens=max_tokens or 1, temperature=v["temperature"], top_p=v["top_p"],
-                                top_k=v["top_k"], seed=v["seed"], ignore_eos=v["ignore_eos"], stop=v["stop"])
+        params = defaults.sampling_params(max_tokens=max_tokens or 1, temperature=v["temperature"], top_p=v["top_p"],
+                                          top_k=v["top_k"], seed=v["seed"], ignore_eos=v["ignore_eos"],
+                                          stop=v["stop"])
     except InvalidRequest as err:
         param = max_param if err.param == "max_tokens" else err.param
         raise ApiError(400, str(err).replace("max_tokens", max_param), param) from None
