@@ -4,10 +4,9 @@ per N), and the control plane's cost per decode step.
 
     .venv/bin/python benchmarks/generate_vs_hf.py [--requests 16,64] [--max-tokens 64] [--json OUT]
 
-Control-plane overhead of a decode step, from the engine's step records (1 instance, so
-decode steps run one after another): `in step` is the wall time the engine saw minus the
-worker's compute (pickling, pipes, thread hops, wake-ups), `between steps` the gap from one
-decode step's end to the next one's start (update, streaming, scheduling).
+Control-plane overhead per decode iteration, from the engine's step records (see
+`control_plane`), with the default rounds (up to 16 iterations per scheduling round) and with
+one iteration per round (`--decode-steps 1`: what every token would pay without rounds).
 """
 from __future__ import annotations
 
@@ -27,14 +26,14 @@ def make_prompts(vocab: int, n: int, seed: int = 0) -> list[list[int]]:
     return [[1] + [rng.randrange(3, vocab) for _ in range(L - 1)] for L in lengths]
 
 
-async def run_esp(model_dir, prompts, max_tokens, threads) -> tuple[float, dict]:
+async def run_esp(model_dir, prompts, max_tokens, threads, decode_steps=None) -> tuple[float, dict]:
     from esp.engine import EngineConfig, SamplingParams
     from esp.engine.engine import Engine
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     kv = max(32768, sum(len(p) + max_tokens for p in prompts))
     config = EngineConfig(model=str(model_dir), kv_tokens_per_instance=kv, threads_per_instance=threads,
-                          dtype="float32", log_requests=False)
+                          dtype="float32", log_requests=False, decode_steps=decode_steps)
     async with Engine(config) as engine:
         async def one(p):
             async for out in engine.generate(p, params):
@@ -50,16 +49,21 @@ async def run_esp(model_dir, prompts, max_tokens, threads) -> tuple[float, dict]
 
 
 def control_plane(stats) -> dict:
-    """Per decode step, in ms: median in-step overhead, median gap to the next decode step."""
-    decode = sorted((s for s in stats if s.kind == "decode"), key=lambda s: s.start_s)
-    in_step = [(s.wall_s - s.compute_s - s.comm_s) * 1e3 for s in decode]
-    gaps = [(b.start_s - a.start_s - a.wall_s) * 1e3 for a, b in zip(decode, decode[1:])]
-    compute = [s.compute_s * 1e3 for s in decode]
-    med = statistics.median
-    return {"decode_steps": len(decode), "compute_ms": round(med(compute), 3) if compute else None,
-            "in_step_ms": round(med(in_step), 3) if in_step else None,
-            "between_steps_ms": round(med(gaps), 3) if gaps else None,
-            "total_ms": round(med(in_step) + med(gaps), 3) if gaps else None}
+    """Per decode iteration, in ms, over pairs of back-to-back decode rounds (no other step
+    started between them; 1 instance, so rounds run one after another): the engine's wall time
+    minus the worker's compute and communication, divided by the iterations the rounds ran.
+    `in_round`: inside rounds (the step's message, each iteration's streamed tokens, the
+    reply); `between_rounds`: from a round's end to the next one's start (update, scheduling)."""
+    ordered = sorted(stats, key=lambda s: s.start_s)
+    pairs = [(a, b) for a, b in zip(ordered, ordered[1:]) if a.kind == b.kind == "decode"]
+    iters = sum(a.iterations for a, _ in pairs)
+    if not iters:
+        return {"decode_iterations": 0}
+    per = lambda seconds: round(seconds / iters * 1e3, 3)  # noqa: E731
+    in_round = sum(a.wall_s - a.compute_s - a.comm_s for a, _ in pairs)
+    between = sum(b.start_s - a.start_s - a.wall_s for a, b in pairs)
+    return {"decode_iterations": iters, "rounds": len(pairs), "compute_ms": per(sum(a.compute_s for a, _ in pairs)),
+            "in_round_ms": per(in_round), "between_rounds_ms": per(between), "total_ms": per(in_round + between)}
 
 
 def run_hf(model_dir, prompts, max_tokens, threads) -> float:
@@ -89,7 +93,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(bundled_model_dir()))
-    ap.add_argument("--requests", default="16,64", help="concurrent requests, comma-separated")
+    ap.add_argument("--requests", default="1,16,64", help="concurrent requests, comma-separated")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", metavar="OUT")
@@ -98,11 +102,12 @@ def main() -> None:
     for n in [int(x) for x in args.requests.split(",") if x]:
         prompts = make_prompts(ModelConfig.from_dir(args.model).vocab_size, n)
         esp, overhead = asyncio.run(run_esp(args.model, prompts, args.max_tokens, args.threads))
+        _, one_step = asyncio.run(run_esp(args.model, prompts, args.max_tokens, args.threads, decode_steps=1))
         hf = run_hf(args.model, prompts, args.max_tokens, args.threads)
         results.append({"requests": n, "prompt_lens": sorted(len(p) for p in prompts),
                         "max_tokens": args.max_tokens, "esp_tokens_per_s": round(esp, 1),
                         "hf_generate_tokens_per_s": round(hf, 1), "ratio_esp_over_hf": round(esp / hf, 2),
-                        "control_plane": overhead})
+                        "control_plane": overhead, "control_plane_one_step_rounds": one_step})
         print(json.dumps(results[-1]), flush=True)
     if args.json:
         with open(args.json, "w") as f:
