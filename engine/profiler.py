@@ -24,7 +24,7 @@ from esp.engine.instances import kv_bytes_per_token, worker_specs
 from esp.engine.config import EngineConfig
 from esp.engine.model_config import ModelConfig
 from esp.engine.sampling_params import SamplingParams
-from esp.policies import cost_fit as fit
+from esp.costs import cost_fit as fit
 
 log = logging.getLogger("esp.profiler")
 GREEDY = SamplingParams(temperature=0.0)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import selectors
 from bisect import bisect_left
+from collections import Counter
 from itertools import accumulate
 from functools import singledispatch
 from typing import Awaitable, Sequence, TypeVar
 
 from esp.engine.backend import StepResult
 from esp.engine.protocol import DecodeBatch, MigrateKV, MixedBatch, PrefillBatch, Step
-from esp.policies.cost_model import CostModel
+from esp.costs.cost_model import CostModel
 
 T = TypeVar("T")
 SIM_TOKEN = 0
@@ -83,9 +84,29 @@ def _(step: MixedBatch, cost: CostModel) -> float:
 
 def iteration_times(step: DecodeBatch, cost: CostModel) -> list[float]:
     """Predicted time of each iteration of a (multi-step) decode batch; the KV grows by one
-    token per request per iteration."""
-    batch, kv = len(step.rows), step.rows.kv_tokens()
-    return [cost.decode_time(batch, kv + k * batch, len(step.group)) for k in range(step.steps)]
+    token per request per iteration, on the request's master. A step waits for its busiest
+    master (requests it runs the FFN for) and its busiest holder (KV tokens it reads); the step
+    names each row's holders, not their token counts, so a row's KV is taken as split evenly
+    over its holders."""
+    rows = step.rows
+    batch, kv, dop = len(rows), rows.kv_tokens(), len(step.group)
+    if dop == 1 or cost.decode_basis == "total":
+        return [cost.decode_time(batch, kv + k * batch, dop) for k in range(step.steps)]
+    by_mask: dict[int, int] = {}
+    for mask, position in zip(rows.holders, rows.positions):
+        by_mask[mask] = by_mask.get(mask, 0) + position + 1
+    load: dict[int, float] = {}
+    for mask, tokens in by_mask.items():
+        ranks = [r for r in range(mask.bit_length()) if mask >> r & 1]
+        for r in ranks:
+            load[r] = load.get(r, 0.0) + tokens / len(ranks)
+    masters = Counter(rows.masters)
+    for r in masters:
+        load.setdefault(r, 0.0)
+    master_batch = max(masters.values())
+    return [cost.decode_time(batch, kv + k * batch, dop, master_batch=master_batch,
+                             holder_kv=max(tokens + k * masters.get(r, 0) for r, tokens in load.items()))
+            for k in range(step.steps)]
 
 
 @step_time.register

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
+from esp.costs.cost_model import CostModel
+
 
 @dataclass(frozen=True)
 class RequestView:
@@ -42,7 +44,8 @@ class RequestView:
 @dataclass(frozen=True)
 class ClusterView:
     """What the scheduler knows, frozen for one decision. `idle` instances run no step now;
-    `running` lists decoding requests that are not in a step now."""
+    `running` lists decoding requests that are not in a step now; `cost_model` predicts step
+    times (None when the engine has none: policies then fall back to their own defaults)."""
 
     now: float
     capacity: tuple[int, ...]
@@ -50,7 +53,7 @@ class ClusterView:
     idle: frozenset[int]
     waiting: tuple[RequestView, ...]
     running: tuple[RequestView, ...]
-    cost_model: Any = None
+    cost_model: CostModel | None = None
 
     @property
     def num_instances(self) -> int:

@@ -1,12 +1,15 @@
 """Small pieces several policies share."""
 from __future__ import annotations
 
+from collections import Counter
+
 from esp.policies.base import Batch, ClusterView, RequestView
 
 
-def running_on(view: ClusterView, rank: int) -> int:
-    """Running requests whose newest KV is on `rank` (each will want a slot there next step)."""
-    return sum(1 for r in view.running if r.kv_tokens and list(r.kv_tokens)[-1] == rank)
+def running_on(view: ClusterView) -> Counter:
+    """Per rank, the running requests whose newest KV is there (each will want a slot there next
+    step)."""
+    return Counter(next(reversed(r.kv_tokens)) for r in view.running if r.kv_tokens)
 
 
 def batches_by_holders(requests: list[RequestView], max_batch: int) -> list[Batch]:

@@ -15,11 +15,12 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
+from esp.costs.cost_model import CostModel
 from esp.policies.base import Batch, ClusterView, DecodePlan, Dispatch, PolicyOptions, PolicySet, SchedulingPolicy
 from esp.policies.batching_dp import plan_batches
-from esp.policies.common import first_with_room, running_on, spare_instances
-from esp.policies.cost_model import CostModel
+from esp.policies.common import first_with_room, spare_instances
 from esp.policies.fcfs import FCFSBatching, GreedyScaling
 
 FALLBACK_COST = CostModel({1: (1e-3, 1e-4, 1e-8)}, {1: (1e-3, 1e-5, 1e-8)}, 1e-5, 1e9, 1)
@@ -36,36 +37,46 @@ class LoongScheduling(SchedulingPolicy):
             return Dispatch()
         cost = view.cost_model or FALLBACK_COST
         extra = self.options.extra
-        holding = {i for r in view.running for i in r.kv_tokens}
+        holding: set[int] = set()
+        newest: Counter = Counter()  # running requests whose next token lands on each rank
+        future = 0  # KV the running requests may still add
+        for r in view.running:  # one pass (this runs at every scheduling round): r.max_kv_tokens - r.context_len
+            kv = r.kv_tokens
+            if kv:
+                holding.update(kv)
+                newest[next(reversed(kv))] += 1
+            future += r.prompt_len + r.max_tokens - r.output_len - sum(kv.values())
         free_first = sorted(view.idle - holding, key=lambda i: (-view.free_slots[i], i))
         decoding = sorted(view.idle & holding, key=lambda i: (-view.free_slots[i], i))
         instances = free_first
         head = view.waiting[0].prompt_len + 1
-        while decoding and (not instances or sum(view.free_slots[i] - running_on(view, i) for i in instances) < head):
+        while decoding and (not instances or sum(view.free_slots[i] - newest[i] for i in instances) < head):
             instances.append(decoding.pop(0))
         instances = tuple(instances)
         max_s = extra.get("max_prefill_s") or cost.prefill_time([self.options.max_prefill_tokens], 1)
         lookahead = int(extra.get("lookahead", 4))
         max_overtaken = float(extra.get("max_overtaken_s", 10.0))
-        room_now = sum(view.free_slots[i] - running_on(view, i) for i in instances)
-        room_future = sum(view.free_slots) - sum(r.max_kv_tokens - r.context_len for r in view.running)
+        room_now = sum(view.free_slots[i] - newest[i] for i in instances)
+        room_future = sum(view.free_slots) - future
         chosen: list[int] = []
         lengths: list[int] = []
-        skipped = 0
+        tokens = squares = skipped = 0
         for req in view.waiting:
             alone = not chosen and not view.running
-            fits = req.prompt_len + 1 <= room_now and (alone or req.max_kv_tokens <= room_future)
+            n = req.prompt_len
+            fits = n + 1 <= room_now and (alone or req.max_kv_tokens <= room_future)
             if not fits:
                 skipped += 1
                 if skipped > lookahead or view.now - req.arrival_s > max_overtaken:
                     break
                 continue
-            if chosen and (len(chosen) >= self.options.max_batch_size
-                           or cost.prefill_time(lengths + [req.prompt_len], len(instances)) > max_s):
+            if chosen and (len(chosen) >= self.options.max_batch_size or cost.prefill_time_of_sums(
+                    tokens + n, squares + n * n, len(chosen) + 1, len(instances)) > max_s):
                 break
             chosen.append(req.request_id)
-            lengths.append(req.prompt_len)
-            room_now -= req.prompt_len + 1
+            lengths.append(n)
+            tokens, squares = tokens + n, squares + n * n
+            room_now -= n + 1
             room_future -= req.max_kv_tokens
         if not chosen:
             return Dispatch()
@@ -128,11 +139,16 @@ class LoongBatching(FCFSBatching):
         if not dispatch.request_ids:
             return []
         cost = view.cost_model or FALLBACK_COST
-        length = {r.request_id: r.prompt_len for r in view.waiting}
+        wanted, length = set(dispatch.request_ids), {}
+        for r in view.waiting:  # dispatch takes from the front of the queue: stop once all are found
+            if r.request_id in wanted:
+                length[r.request_id] = r.prompt_len
+                if len(length) == len(wanted):
+                    break
         reqs = sorted(dispatch.request_ids, key=lambda rid: (length[rid], rid))
         insts = sorted(dispatch.instances, key=lambda i: (-view.free_slots[i], i))
         total, splits = plan_batches([length[r] for r in reqs], [view.free_slots[i] for i in insts],
-                                     cost.prefill_time_of_sums)
+                                     cost.prefill_coefficients)
         if math.isinf(total):
             return super().prefill_batches(view, dispatch)
         return [Batch(tuple(reqs[s.r0:s.r1]), tuple(sorted(insts[s.i0:s.i1]))) for s in splits]

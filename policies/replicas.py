@@ -10,7 +10,8 @@ from esp.policies.common import batches_by_holders, running_on
 def assign(view: ClusterView, limit: int) -> dict[int, int]:
     """Waiting requests, in arrival order, onto the idle instance with the most room that fits
     the prompt; stops at the first request that fits nowhere (FCFS)."""
-    room = {i: view.free_slots[i] - running_on(view, i) for i in view.idle}
+    newest = running_on(view)
+    room = {i: view.free_slots[i] - newest[i] for i in view.idle}
     tokens = dict.fromkeys(room, 0)
     placed: dict[int, int] = {}
     for req in view.waiting:

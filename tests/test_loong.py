@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
+from dp_oracles import brute_force
+
+from esp.costs.cost_model import CostModel
 from esp.policies import ClusterView, PolicyOptions, RequestView
-from esp.policies.batching_dp import brute_force
-from esp.policies.cost_model import CostModel
 from esp.policies.loong import LoongBatching, LoongScheduling
 
 COST = CostModel({1: (0.01, 1e-4, 2e-8), 2: (0.012, 0.5e-4, 1e-8), 4: (0.015, 0.25e-4, 0.5e-8)},
@@ -53,7 +54,7 @@ def test_batching_uses_the_dynamic_program():
     assert len(used) == len(set(used))
     got = sum(COST.prefill_time([lengths[r] for r in b.request_ids], len(b.group))
               * sum(1 / lengths[r] for r in b.request_ids) for b in batches)
-    best = brute_force(sorted(lengths.values()), [10_000] * 4, COST.prefill_time_of_sums)
+    best = brute_force(sorted(lengths.values()), [10_000] * 4, COST.prefill_coefficients)
     assert abs(got - best) < 1e-12
     assert len(batches) > 1
 

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from esp.costs.cost_model import CostModel
 from esp.engine.instances import rendezvous
 from esp.engine.workers import WorkerGroup
 from esp.engine.config import bundled_model_dir
@@ -16,7 +17,6 @@ from esp.engine.profiler import dops_of, log_grid
 from esp.engine.protocol import KeepRange, PrefillBatch, PrefillSeq, SampleSpec
 from esp.engine.sampling_params import SamplingParams
 from esp.engine.worker import WorkerSpec
-from esp.policies.cost_model import CostModel
 
 FLAGS = ["--instances", "2", "--threads-per-instance", "1", "--kv-tokens-per-instance", "4096"]
 

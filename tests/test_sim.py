@@ -9,7 +9,9 @@ import pytest
 from esp.engine import EngineConfig, SamplingParams
 from esp.engine.engine import Engine
 from esp.engine.sim import SyntheticPrompt, run_virtual
-from esp.policies.cost_model import CostModel
+from esp.costs.cost_model import CostModel
+from esp.engine.protocol import DecodeBatch, DecodeRows, DecodeSeq
+from esp.engine.sim import iteration_times
 
 # prefill 1 + 0.1*sum(len) + 0.01*sum(len^2); decode 0.5 + 0.1*batch + 0.01*kv tokens
 COST = CostModel({1: (1.0, 0.1, 0.01)}, {1: (0.5, 0.1, 0.01)}, 0.0, 1e9, 1, "hand")
@@ -74,3 +76,22 @@ def test_a_new_request_ends_a_multi_step_round_after_the_iteration_in_progress(p
     # (3.0 s, to 7.43); then a's last six tokens come in one round: 0.73 + ... + 0.78 = 4.53.
     assert a[2] == pytest.approx([3.0, 4.43, 4.43] + [11.96] * 6)
     assert b[2] == pytest.approx([7.43]) and b[0] == pytest.approx(3.43)
+
+
+def test_decode_iterations_wait_for_the_busiest_master_and_holder():
+    """On the "busiest" basis a decode step costs d0 + d1 * (requests on the busiest master)
+    + d2 * (KV tokens on the busiest holder); a row's KV is split evenly over its holders and
+    each iteration adds a token on its master."""
+    busiest = CostModel({1: (1.0, 0.1, 0.01)}, {3: (0.5, 0.1, 0.01)}, 0.0, 1e9, 1, "hand", {}, "busiest")
+    rows = DecodeRows.of([
+        DecodeSeq(1, 0, 999, 0, 0, (0, 1)),  # 1000 KV tokens over ranks 0 and 1: 500 each
+        DecodeSeq(2, 0, 99, 2, 0, (2,)),  # 100 on rank 2
+        DecodeSeq(3, 0, 9, 0, 0, (0,)),  # 10 on rank 0: rank 0 holds 510 and masters 2 requests
+    ])
+    step = DecodeBatch(0, (0, 1, 2), rows, steps=2)
+    assert iteration_times(step, busiest) == pytest.approx([0.5 + 0.1 * 2 + 0.01 * 510, 0.5 + 0.1 * 2 + 0.01 * 512])
+    # the same step on a "total" profile: the whole batch and all its KV
+    assert iteration_times(step, COST_3) == pytest.approx([0.5 + 0.1 * 3 + 0.01 * 1110, 0.5 + 0.1 * 3 + 0.01 * 1113])
+
+
+COST_3 = CostModel({1: (1.0, 0.1, 0.01)}, {3: (0.5, 0.1, 0.01)}, 0.0, 1e9, 1, "hand")

@@ -1,0 +1,149 @@
+"""Decision time of one `Scheduler.schedule()` with a long queue (issue 11, item 5).
+
+Queues `--queued` requests (default 1,000) sampled from a shipped trace's length mix, all
+arrived, on `--instances` idle instances of a cost profile (default the `a800-lwm7b` preset,
+its KV capacity per instance), with a policy bundle (default `loong`), and times:
+
+- `cold`: the first `schedule()` (every instance idle, nothing running): dispatch, elastic
+  allocation, the Eq. 5 batching DP, keep plans, validation, slot allocation;
+- `steady`: the `schedule()` after every step of the first one completed (decodes running,
+  the rest of the queue waiting): the same plus decode batching and scaling.
+
+Each is timed on a fresh scheduler `--repeats` times; the minimum and median are printed (ms)
+with the number of requests dispatched, and, of the fastest run, the milliseconds spent in the
+policies (dispatch, batching with the Eq. 5 DP, scaling) and in the KV slot allocators; the
+rest is the scheduler's own work (views, validation, steps). The goal is <= 10 ms, the bar 50 ms.
+
+    .venv/bin/python benchmarks/scheduler_time.py [--datasets sharegpt mixed leval] [--max-prefill-tokens 500000]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+from esp.cli.bench.workload import load_dataset, make_workload
+from esp.costs.presets import load_profile
+from esp.engine.protocol import DecodeBatch, MixedBatch
+from esp.engine.request import Request
+from esp.engine.sampling_params import SamplingParams
+from esp.engine.scheduler import Scheduler
+from esp.engine.sim import SimTokenizer, SyntheticPrompt
+from esp.policies import PolicyOptions, load_policy_set
+
+
+POLICY_METHODS = ("dispatch", "prefill_batches", "decode_batches", "keep_plan", "decode_plan", "migrations")
+
+
+class Stopwatch:
+    """Milliseconds spent inside wrapped callables, by label."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+
+    def wrap(self, label: str, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.ms[label] = self.ms.get(label, 0.0) + 1e3 * (time.perf_counter() - t0)
+        return timed
+
+
+def build(args, workload, cost, watch: Stopwatch | None = None) -> Scheduler:
+    options = PolicyOptions(max_prefill_tokens=args.max_prefill_tokens)
+    slots = int(cost.meta["kv_tokens_per_instance"])
+    policies = load_policy_set(args.policy, options)
+    sched = Scheduler(policies, [slots] * args.instances, clock=lambda: 100.0, cost_model=cost)
+    if watch is not None:  # instance attributes shadow the methods; the scheduler sees the same classes
+        for part in (policies.scheduling, policies.batching, policies.scaling):
+            for name in POLICY_METHODS:
+                if hasattr(part, name):
+                    setattr(part, name, watch.wrap("policies", getattr(part, name)))
+        for alloc in sched.allocators:
+            alloc.allocate = watch.wrap("allocators", alloc.allocate)
+    detok = SimTokenizer()
+    for i, r in enumerate(workload):
+        params = SamplingParams(max_tokens=r.output_len, temperature=0, ignore_eos=True)
+        sched.add(Request(i, f"r{i}", SyntheticPrompt(r.input_len), params, seed=i, eos_ids=frozenset(),
+                          detokenizer=detok.detokenizer([]), clock=lambda: 100.0, arrival=r.arrival_s))
+    return sched
+
+
+def sampled(step) -> dict:
+    if isinstance(step, DecodeBatch):
+        return {seq.request_id: 0 for seq in step.seqs}
+    riders = list(step.decode.request_ids) if isinstance(step, MixedBatch) else []
+    return {seq.request_id: 0 for seq in step.seqs if seq.sample} | dict.fromkeys(riders, 0)
+
+
+def timed(sched: Scheduler) -> tuple[float, list]:
+    t0 = time.perf_counter()
+    steps, failed = sched.schedule()
+    dt = time.perf_counter() - t0
+    if failed:
+        raise RuntimeError(f"{len(failed)} requests failed: {failed[0].error}")
+    return dt, steps
+
+
+def measure(args, dataset: str, cost) -> dict:
+    max_context = int(cost.meta.get("max_context") or 1 << 20)
+    workload = make_workload(load_dataset(dataset), args.queued, float("inf"), seed=args.seed,
+                             max_context=max_context)
+    cold, steady, dispatched, steady_dispatched = [], [], 0, 0
+    parts: dict[str, list] = {"cold": [], "steady": []}
+    for _ in range(args.repeats):
+        watch = Stopwatch()
+        sched = build(args, workload, cost, watch)
+        dt, steps = timed(sched)
+        cold.append(dt)
+        parts["cold"].append((dt, dict(watch.ms)))
+        dispatched = sum(len(s.seqs) for s in steps if not isinstance(s, DecodeBatch))
+        for step in steps:
+            sched.complete(step.step_id, sampled(step))
+        watch.ms.clear()
+        dt, steps = timed(sched)
+        steady.append(dt)
+        parts["steady"].append((dt, dict(watch.ms)))
+        steady_dispatched = sum(len(s.seqs) for s in steps if not isinstance(s, DecodeBatch))
+
+    def ms(xs, phase):
+        fastest = min(parts[phase], key=lambda p: p[0])[1]
+        return {"min_ms": round(1e3 * min(xs), 2), "median_ms": round(1e3 * statistics.median(xs), 2),
+                "policies_ms": round(fastest.get("policies", 0.0), 2),
+                "allocators_ms": round(fastest.get("allocators", 0.0), 2)}
+    return {"dataset": dataset, "cold": ms(cold, "cold") | {"dispatched": dispatched},
+            "steady": ms(steady, "steady") | {"dispatched": steady_dispatched}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--datasets", nargs="+", default=["sharegpt", "mixed", "leval"])
+    ap.add_argument("--queued", type=int, default=1000)
+    ap.add_argument("--instances", type=int, default=8)
+    ap.add_argument("--profile", default="a800-lwm7b")
+    ap.add_argument("--policy", default="loong")
+    ap.add_argument("--max-prefill-tokens", type=int, default=PolicyOptions.max_prefill_tokens)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true", help="print one JSON object per dataset")
+    args = ap.parse_args()
+    cost = load_profile(args.profile)
+    print(f"# {args.policy} on {args.instances} x {cost.name}, {args.queued} queued, "
+          f"max_prefill_tokens={args.max_prefill_tokens}, {args.repeats} repeats")
+    for dataset in args.datasets:
+        row = measure(args, dataset, cost)
+        if args.json:
+            print(json.dumps(row))
+            continue
+        for phase in ("cold", "steady"):
+            r = row[phase]
+            print(f"{dataset:10s} {phase:6s} min {r['min_ms']:7.2f} ms  median {r['median_ms']:7.2f} ms  "
+                  f"(policies {r['policies_ms']:6.2f} ms, allocators {r['allocators_ms']:6.2f} ms; "
+                  f"{r['dispatched']} dispatched)")
+
+
+if __name__ == "__main__":
+    main()
