@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from esp.engine.errors import InvalidRequest, Overloaded
 from esp.engine.sampling_params import SamplingParams
-from esp.policies.cost_model import CostModel
+from esp.costs.cost_model import CostModel
 
 MAX_RETRY_AFTER_S = 600.0
 
@@ -58,18 +58,19 @@ def _at_fault(prompt_len: int, limit: int) -> str:
     return "prompt" if prompt_len >= limit else "max_tokens"
 
 
-def check_queue(limits: Limits, waiting: Sequence[int], prompt_len: int, cost: CostModel | None,
-                instances: int) -> None:
-    """`waiting`: prompt lengths already queued. An empty queue always takes a request that fits."""
-    if not waiting:
+def check_queue(limits: Limits, count: int, tokens: int, prompt_len: int, lengths: Callable[[], Sequence[int]],
+                cost: CostModel | None, instances: int) -> None:
+    """`count` requests with `tokens` prompt tokens are queued; `lengths()` gives their prompt
+    lengths (read only to price a refusal). An empty queue always takes a request that fits."""
+    if not count:
         return
     full = None
-    if limits.waiting_requests is not None and len(waiting) >= limits.waiting_requests:
-        full = f"{len(waiting)} requests are waiting (limit {limits.waiting_requests})"
-    elif limits.waiting_tokens is not None and sum(waiting) + prompt_len > limits.waiting_tokens:
-        full = f"{sum(waiting)} prompt tokens are waiting (limit {limits.waiting_tokens})"
+    if limits.waiting_requests is not None and count >= limits.waiting_requests:
+        full = f"{count} requests are waiting (limit {limits.waiting_requests})"
+    elif limits.waiting_tokens is not None and tokens + prompt_len > limits.waiting_tokens:
+        full = f"{tokens} prompt tokens are waiting (limit {limits.waiting_tokens})"
     if full:
-        raise Overloaded(f"the server is overloaded: {full}; retry later", drain_time(waiting, cost, instances))
+        raise Overloaded(f"the server is overloaded: {full}; retry later", drain_time(lengths(), cost, instances))
 
 
 def drain_time(waiting: Sequence[int], cost: CostModel | None, instances: int) -> float:

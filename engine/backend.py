@@ -14,7 +14,7 @@ from esp.engine.protocol import Step
 if TYPE_CHECKING:
     from esp.engine.config import EngineConfig
     from esp.engine.model_config import ModelConfig
-    from esp.policies.cost_model import CostModel
+    from esp.costs.cost_model import CostModel
 
 
 class BackendError(RuntimeError):

@@ -26,8 +26,8 @@ from esp.engine.sim import SyntheticPrompt
 from esp.engine.generation_defaults import defaults_of
 from esp.engine.status import EngineStats, Health
 from esp.policies import PolicyOptions, PolicySet, load_policy_set
-from esp.policies.cost_model import CostModel
-from esp.policies.presets import load_profile
+from esp.costs.cost_model import CostModel
+from esp.costs.presets import load_profile
 
 log = logging.getLogger("esp.engine")
 
@@ -193,7 +193,7 @@ class Engine:
         if s is None:
             return EngineStats(0, 0, 0, (), (), 0, 0, 0, 0.0)
         waiting = len(s.waiting)
-        return EngineStats(len(s.requests) - waiting, waiting, sum(r.num_tokens for r in s.waiting),
+        return EngineStats(len(s.requests) - waiting, waiting, s.waiting.tokens,
                            tuple(a.num_slots for a in s.allocators), tuple(a.num_free for a in s.allocators),
                            self._restarts, s.recomputed_total, self._overloaded,
                            self._schedule_s)
@@ -274,8 +274,9 @@ class Engine:
             raise InvalidRequest(f"request id {external!r} is already in use")
         if self.limits.waiting_requests is not None or self.limits.waiting_tokens is not None:
             try:
-                check_queue(self.limits, [r.num_tokens for r in self.scheduler.waiting], len(ids),
-                            self.cost_model, self.config.instances)
+                waiting = self.scheduler.waiting
+                check_queue(self.limits, len(waiting), waiting.tokens, len(ids),
+                            lambda: [r.num_tokens for r in waiting], self.cost_model, self.config.instances)
             except Overloaded:
                 self._overloaded += 1
                 raise

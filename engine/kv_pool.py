@@ -19,7 +19,9 @@ class OutOfSlots(RuntimeError):
 class SlotAllocator:
     """Free list of one instance's pool. A prompt's KV takes the first contiguous run that fits
     (else the lowest free slots); decode tokens take the lowest free slots, found from a
-    cursor below which every slot is in use, so a decode step never scans the whole pool."""
+    cursor below which every slot is in use, so a decode step never scans the whole pool.
+    Above `_tail` every slot is free: when the free slots below it are too few for a prompt,
+    no hole there can hold it and the run starts at the tail, found without a scan."""
 
     SMALL = 64
 
@@ -28,6 +30,7 @@ class SlotAllocator:
         self._free = np.ones(num_slots, dtype=bool)
         self.num_free = num_slots
         self._cursor = 0
+        self._tail: int | None = 0  # None: to recompute after a free
 
     def allocate(self, n: int) -> array:
         """`n` free slots as an `array('q')`: a list of ints that numpy reads without a copy."""
@@ -38,10 +41,16 @@ class SlotAllocator:
         if n <= self.SMALL:
             slots = self._lowest(n)
         else:
-            start = self._first_run(n)
+            tail = self._free_tail()
+            if self.num_free - (self.num_slots - tail) < n <= self.num_slots - tail:
+                start = tail
+            else:
+                start = self._first_run(n)
             slots = np.arange(start, start + n) if start >= 0 else np.flatnonzero(self._free)[:n]
         self._free[slots] = False
         self.num_free -= n
+        if self._tail is not None:
+            self._tail = max(self._tail, int(slots[-1]) + 1)
         out = array("q")
         out.frombytes(slots.astype(np.int64).tobytes())
         return out
@@ -57,6 +66,14 @@ class SlotAllocator:
         if self.num_free != expected:
             raise RuntimeError("double free of KV slots (a slot is listed twice)")
         self._cursor = min(self._cursor, int(idx.min()))
+        self._tail = None
+
+    def _free_tail(self) -> int:
+        """The first slot from which every slot is free."""
+        if self._tail is None:
+            used = np.flatnonzero(~self._free)
+            self._tail = int(used[-1]) + 1 if len(used) else 0
+        return self._tail
 
     def _lowest(self, n: int) -> np.ndarray:
         found, start = [], self._cursor

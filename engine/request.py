@@ -4,7 +4,8 @@
 -> PREFILLING (in a prefill or chunk step) -> WAITING again after a chunk, or RUNNING ->
 DECODING (in a decode round, as a rider, or having its KV moved) -> RUNNING ... -> FINISHED.
 Every change the policies can see (status, tokens, placement) goes through a method here,
-which bumps `version`, so the scheduler's cached views are rebuilt exactly when needed.
+which bumps `version` (and the epoch of the waiting queue it is in, `queue`), so the
+scheduler's cached views are rebuilt exactly when needed. Requests compare by identity.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ class EspRecord:
                 "preemptions": self.preemptions, "recomputed": recomputed}
 
 
-@dataclass
+@dataclass(eq=False)
 class Request:
     """Owned by the scheduler. `placement` is `{rank: array('q') of slots}` in position order, with
     ranks in the order their ranges appear in the sequence; `sampling_on` the ranks whose worker
@@ -79,6 +80,7 @@ class Request:
     recomputed: int = 0
     final_delivered: bool = False
     esp: EspRecord = field(default_factory=EspRecord)
+    queue: object = field(default=None, repr=False)
     _sent_text: int = 0
     _sent_tokens: int = 0
 
@@ -103,6 +105,11 @@ class Request:
     def in_step(self) -> bool:
         return self.status in IN_STEP
 
+    def _changed(self) -> None:
+        self.version += 1
+        if self.queue is not None:
+            self.queue.epoch += 1
+
     # -- lifecycle ----------------------------------------------------------------------
     def enter_step(self) -> None:
         """Into a step: a waiting request is prefilled, a running one decodes or moves KV."""
@@ -112,18 +119,18 @@ class Request:
             self.status = Status.DECODING
         else:
             raise RuntimeError(f"request {self.id} cannot enter a step while {self.status.value}")
-        self.version += 1
+        self._changed()
 
     def leave_step(self) -> None:
         """Out of a step: RUNNING once its whole prompt (and every output token but the last) is
         in KV, else WAITING for the next chunk."""
         self.status = Status.RUNNING if self.num_kv >= self.num_tokens - 1 else Status.WAITING
-        self.version += 1
+        self._changed()
 
     def requeue(self) -> None:
         """Back to WAITING, holding nothing (preempted, failed or reset)."""
         self.status = Status.WAITING
-        self.version += 1
+        self._changed()
 
     def finish(self, reason: str, error: str | None = None) -> None:
         """Decide the outcome now; in a step, the request stays in it until the step returns."""
@@ -132,7 +139,7 @@ class Request:
         self.finished_at = self.clock()
         if not self.in_step:
             self.status = Status.FINISHED
-        self.version += 1
+        self._changed()
 
     # -- placement ----------------------------------------------------------------------
     def add_slots(self, rank: int, slots) -> None:
@@ -142,7 +149,7 @@ class Request:
             held = array("q")
         held.extend(slots)
         self.placement[rank] = held
-        self.version += 1
+        self._changed()
 
     def drop_last(self, rank: int, n: int) -> array:
         """Remove and return the last `n` slots `rank` holds."""
@@ -151,14 +158,14 @@ class Request:
         del held[len(held) - n:]
         if not held:
             del self.placement[rank]
-        self.version += 1
+        self._changed()
         return out
 
     def take_placement(self) -> dict[int, array]:
         """Everything it holds, which it no longer does."""
         out, self.placement = self.placement, {}
         self.sampling_on = set()
-        self.version += 1
+        self._changed()
         return out
 
     # -- tokens -------------------------------------------------------------------------
@@ -167,7 +174,7 @@ class Request:
         now = self.clock()
         self.first_token_at = self.first_token_at or now
         self.output_ids.append(token)
-        self.version += 1
+        self._changed()
         if token in self.eos_ids and not self.params.ignore_eos:
             self.text += self.detokenizer.flush()
             self.finish("stop")

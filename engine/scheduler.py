@@ -20,49 +20,59 @@ from esp.engine.request import Request, Status
 from esp.engine.validation import (PolicyViolation, check_decode, check_decode_batches, check_dispatch,
                                    check_keep_plan, check_migrations, check_riders)
 from esp.policies.base import Batch, ClusterView, DecodePlan, PolicySet, RequestView, ScalingPolicy
-from esp.policies.cost_model import CostModel
+from esp.costs.cost_model import CostModel
 
 
 class WaitingQueue(deque):
-    """The waiting queue, with an `epoch` that changes whenever its membership does (a member's
-    own changes bump its `version`), so the policies' view of it is rebuilt only then."""
+    """The waiting queue. Its `epoch` changes whenever its membership or a member does (a
+    member's own methods bump it through `Request.queue`), so the policies' view of it is
+    rebuilt only then; `tokens` is the members' total length, kept as they come and go (a
+    waiting request gains no tokens)."""
 
     epoch = 0
+    tokens = 0
 
-    def _touch(self) -> None:
+    def _joined(self, item) -> None:
+        item.queue = self
+        self.tokens += item.num_tokens
+        self.epoch += 1
+
+    def _left(self, item) -> None:
+        item.queue = None
+        self.tokens -= item.num_tokens
         self.epoch += 1
 
     def append(self, item) -> None:
         super().append(item)
-        self._touch()
+        self._joined(item)
 
     def appendleft(self, item) -> None:
         super().appendleft(item)
-        self._touch()
+        self._joined(item)
 
     def insert(self, i: int, item) -> None:
         super().insert(i, item)
-        self._touch()
+        self._joined(item)
 
     def extend(self, items) -> None:
-        super().extend(items)
-        self._touch()
+        for item in items:
+            self.append(item)
 
     def remove(self, item) -> None:
         super().remove(item)
-        self._touch()
+        self._left(item)
 
     def clear(self) -> None:
+        for item in self:
+            item.queue = None
         super().clear()
-        self._touch()
+        self.tokens = 0
+        self.epoch += 1
 
     def popleft(self):
-        self._touch()
-        return super().popleft()
-
-    def key(self) -> tuple[int, int]:
-        """Changes whenever the membership or any member does (versions only grow)."""
-        return self.epoch, sum(r.version for r in self)
+        item = super().popleft()
+        self._left(item)
+        return item
 
 
 @dataclass(frozen=True)
@@ -86,7 +96,7 @@ class Scheduler:
         self.requests: dict[int, Request] = {}
         self.waiting = WaitingQueue()
         self.running: dict[int, Request] = {}
-        self._waiting_view: tuple[tuple[int, int], tuple[RequestView, ...]] = ((-1, -1), ())
+        self._waiting_view: tuple[int, tuple[RequestView, ...]] = (-1, ())
         self.in_flight: dict[int, InFlight] = {}
         self.releases: dict[int, list[int]] = {}
         self.stuck: list[Request] = []
@@ -138,10 +148,15 @@ class Scheduler:
             waiting=self._waiting_views(now), running=running, cost_model=self.cost_model)
 
     def _waiting_views(self, now: float) -> tuple[RequestView, ...]:
-        key, views = self._waiting_view
-        if key != (now_key := self.waiting.key()):
-            views = tuple(self._view(r, now) for r in self.waiting if r.status is Status.WAITING)
-            self._waiting_view = (now_key, views)
+        epoch, views = self._waiting_view
+        if epoch != self.waiting.epoch:
+            cache, waiting, out = self._views, Status.WAITING, []
+            for r in self.waiting:  # the cache check inlined: this runs over long queues
+                if r.status is waiting:
+                    hit = cache.get(r.id)
+                    out.append(hit[1] if hit is not None and hit[0] == r.version else self._view(r, now))
+            views = tuple(out)
+            self._waiting_view = (self.waiting.epoch, views)
         return views
 
     def _view(self, r: Request, now: float) -> RequestView:
