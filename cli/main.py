@@ -77,10 +77,13 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scaling", help="override the bundle's scaling policy")
     g.add_argument("--model", help="Hugging Face style model directory (default: bundled esp-tiny)")
     g.add_argument("--instances", type=positive_int, default=1, help="elastic instances (one process each)")
+    g.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel processes (GPUs) per instance; "
+                                                              "must divide the model's attention heads")
     g.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     g.add_argument("--dtype", choices=("auto", "float32", "float64", "bfloat16", "float16"), default="auto")
     g.add_argument("--kv-tokens-per-instance", type=positive_int, help="KV pool size (default: from free memory)")
-    g.add_argument("--threads-per-instance", type=positive_int, help="CPU threads per instance (default: cores / N)")
+    g.add_argument("--threads-per-instance", type=positive_int,
+                   help="CPU threads per worker process (default: cores / (instances x tp))")
     g.add_argument("--max-prefill-tokens", type=positive_int, default=16384)
     g.add_argument("--max-batch-size", type=positive_int, default=256)
     g.add_argument("--prefill-instances", type=positive_int, help="disagg: instances that only prefill")
@@ -104,7 +107,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     if sum(options.values()) > args.instances:
         raise CLIError(f"--prefill-instances plus --decode-instances exceed --instances {args.instances}")
     return EngineConfig(
-        model=args.model, instances=args.instances, device=args.device, dtype=args.dtype,
+        model=args.model, instances=args.instances, tp=args.tp, device=args.device, dtype=args.dtype,
         kv_tokens_per_instance=args.kv_tokens_per_instance, threads_per_instance=args.threads_per_instance,
         policy=args.policy, scheduling=args.scheduling, batching=args.batching, scaling=args.scaling,
         max_prefill_tokens=args.max_prefill_tokens, max_batch_size=args.max_batch_size, decode_steps=args.decode_steps,

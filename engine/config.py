@@ -31,7 +31,9 @@ def bundled_model_dir() -> Path:
 @dataclass(frozen=True)
 class EngineConfig:
     """`kv_tokens_per_instance=None` sizes each pool from free memory (under the simulator: from
-    the profile); `threads_per_instance=None` splits the CPU cores evenly (at least one each).
+    the profile); `threads_per_instance=None` splits the CPU cores evenly over the worker
+    processes (at least one each). `tp`: tensor-parallel processes (devices) per instance
+    (`esp.engine.tensor_parallel`); `threads_per_instance` then counts each process's threads.
     `backend="sim"` replaces the worker processes by the simulator (`esp.engine.sim`); `profile`
     names the cost model (a preset or a JSON file) that policies read and the simulator runs on.
     `decode_steps`: the most decode iterations per scheduling round (default 16; 8 under the
@@ -45,6 +47,7 @@ class EngineConfig:
 
     model: str | None = None
     instances: int = 1
+    tp: int = 1
     device: str = "cpu"
     dtype: str = "auto"
     kv_tokens_per_instance: int | None = None
@@ -67,6 +70,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.instances < 1:
             raise ValueError(f"instances must be at least 1, got {self.instances}")
+        if self.tp < 1:
+            raise ValueError(f"tp must be at least 1, got {self.tp}")
         if self.backend not in ("real", "sim"):
             raise ValueError(f"backend must be real or sim, got {self.backend!r}")
         if self.device not in ("cpu", "cuda"):
@@ -96,9 +101,10 @@ class EngineConfig:
 
     @property
     def threads(self) -> int:
-        """Threads per instance: by default the cores this process may use, split evenly, so
-        instances x threads never exceeds them (at least one each)."""
-        return self.threads_per_instance or max(1, len(available_cpus()) // self.instances)
+        """Threads per worker process: by default the cores this process may use, split evenly,
+        so instances x tp x threads never exceeds them (at least one each)."""
+        return self.threads_per_instance or max(1, len(available_cpus()) // (self.instances * self.tp))
 
-    def instance_device(self, rank: int) -> str:
-        return f"cuda:{rank}" if self.device == "cuda" else "cpu"
+    def instance_device(self, rank: int, tp_rank: int = 0) -> str:
+        """The device of tp rank `tp_rank` of instance `rank`: GPU `rank * tp + tp_rank`."""
+        return f"cuda:{rank * self.tp + tp_rank}" if self.device == "cuda" else "cpu"

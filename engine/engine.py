@@ -141,8 +141,9 @@ class Engine:
         c, m = self.config, self.model_config
         log.info("model %s: %d layers, hidden %d, vocabulary %d, context %d tokens", c.model_dir,
                  m.num_hidden_layers, m.hidden_size, m.vocab_size, m.max_position_embeddings)
-        log.info("backend %s on %s: %d instance(s) x %d thread(s), dtype %s, KV slots per instance %s",
-                 c.backend, c.device, c.instances, c.threads, dtype_of(c.dtype, c.device),
+        log.info("backend %s on %s: %d instance(s) x %d process(es) (tp) x %d thread(s), dtype %s, "
+                 "KV slots per instance %s", c.backend, c.device, c.instances, c.tp, c.threads,
+                 dtype_of(c.dtype, c.device),
                  c.kv_tokens_per_instance or "from free memory")
 
     async def stop(self) -> None:
@@ -292,11 +293,15 @@ class Engine:
     async def _run(self) -> None:
         try:
             await self._loop()
-        except Exception as err:  # a bug in the control plane: tell every request, refuse new ones
-            log.exception("engine loop failed")
-            self._state, self._detail = "down", f"engine loop failed: {type(err).__name__}: {err}"
-            self._end_all("error", self._detail)
+        except Exception as err:
+            self._control_plane_failed(err)
             raise
+
+    def _control_plane_failed(self, err: Exception) -> None:
+        """A bug in the control plane: tell every request, refuse new ones."""
+        log.exception("engine loop failed")
+        self._state, self._detail = "down", f"engine loop failed: {type(err).__name__}: {err}"
+        self._end_all("error", self._detail)
 
     async def _loop(self) -> None:
         while True:
@@ -331,7 +336,11 @@ class Engine:
             log.exception("step %d on %s failed", step.step_id, step.group)
             touched = self.scheduler.fail(step.step_id, f"internal error: {type(err).__name__}: {err}", 1) \
                 if step.step_id in self.scheduler.in_flight else []
-        self._plan()  # the next steps start before this one's outputs are streamed
+        try:
+            self._plan()  # the next steps start before this one's outputs are streamed
+        except Exception as err:
+            self._control_plane_failed(err)
+            return
         self._deliver(touched)
 
     def _on_tokens(self, step_id: int, sampled: dict[int, int]) -> None:
@@ -391,16 +400,17 @@ class Engine:
 
     def default_cost_model(self) -> CostModel:
         """A roofline from the model's shape: about 20 GFLOP/s per CPU thread, or H100-class
-        numbers on CUDA (profiles measured by `esp-run profile` replace it)."""
+        numbers per CUDA device, times the `tp` processes of an instance (profiles measured by
+        `esp-run profile` replace it)."""
         cfg = self.model_config
-        cuda = self.config.device == "cuda"
+        cuda, tp = self.config.device == "cuda", self.config.tp
         return CostModel.roofline(
             num_layers=cfg.num_hidden_layers, hidden=cfg.hidden_size, heads=cfg.num_attention_heads,
             kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, intermediate=cfg.intermediate_size,
             vocab=cfg.vocab_size, dtype_bytes=dtype_of(self.config.dtype, self.config.device).itemsize,
-            flops_per_s=989e12 if cuda else 20e9 * self.config.threads,
-            mem_bytes_per_s=3.35e12 if cuda else 10e9, link_bytes_per_s=450e9 if cuda else 5e9,
-            max_dop=self.config.instances, name="roofline-cuda" if cuda else "roofline-cpu")
+            flops_per_s=tp * (989e12 if cuda else 20e9 * self.config.threads),
+            mem_bytes_per_s=tp * (3.35e12 if cuda else 10e9), link_bytes_per_s=tp * (450e9 if cuda else 5e9),
+            max_dop=self.config.instances, tp=tp, name="roofline-cuda" if cuda else "roofline-cpu")
 
 
 def _secs(value: float | None) -> str:

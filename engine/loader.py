@@ -7,7 +7,9 @@ parameter of the same name; which ones exist follows the `ModelConfig`.
 The directory holds `config.json` and either `model.safetensors` or shards listed in
 `model.safetensors.index.json` (`weight_map`: tensor name -> shard file). Tensors are read one
 at a time with `safetensors.safe_open` and copied (converted to the requested dtype) straight
-into the model's parameters, so the checkpoint is never held in memory twice.
+into the model's parameters, so the checkpoint is never held in memory twice. Under tensor
+parallelism (a `TPShard`) each rank reads only its slice of a sharded tensor
+(`esp.engine.tensor_parallel.checkpoint_slice`), after checking the tensor's full shape.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 
 from esp.engine.model import LlamaForCausalLM
 from esp.engine.model_config import CheckpointError, ModelConfig
+from esp.engine.tensor_parallel import TPShard, checkpoint_slice
 
 __all__ = ["CheckpointError", "load_model", "resolve_dtype", "weight_files"]
 
@@ -68,16 +71,19 @@ def weight_files(model_dir: str | Path) -> tuple[Path, dict[str, Path]]:
                              if others else ""))
 
 
-def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device | str) -> LlamaForCausalLM:
-    """Build the model on `device` in `dtype` and fill every parameter from the checkpoint.
-    Raises `CheckpointError` for a missing/invalid config, missing safetensors, and a missing,
-    unexpected or mis-shaped tensor, naming the file and the tensor."""
+def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device | str,
+               tp: TPShard | None = None) -> LlamaForCausalLM:
+    """Build the model on `device` in `dtype` and fill every parameter from the checkpoint
+    (`tp`: one tensor-parallel rank's part of it). Raises `CheckpointError` for a
+    missing/invalid config, missing safetensors, and a missing, unexpected or mis-shaped tensor,
+    naming the file and the tensor."""
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     config = ModelConfig.from_dir(model_dir)
     listing, where = weight_files(model_dir)
-    model = LlamaForCausalLM(config, dtype, torch.device(device)).requires_grad_(False).eval()
+    model = LlamaForCausalLM(config, dtype, torch.device(device), tp).requires_grad_(False).eval()
     params = dict(model.named_parameters())
+    full = params if tp is None else dict(LlamaForCausalLM(config, dtype, torch.device("meta")).named_parameters())
     for name in where:
         if name not in params and not _ignorable(name, config):
             raise CheckpointError(f"{where[name]}: unexpected tensor {name!r} (not a parameter of a "
@@ -98,12 +104,27 @@ def load_model(model_dir: str | Path, dtype: torch.dtype, device: torch.device |
                     if name not in present:
                         raise CheckpointError(f"{file}: missing tensor {name!r} (listed in {listing.name})")
                     got = tuple(f.get_slice(name).get_shape())
-                    want = tuple(params[name].shape)
+                    want = tuple(full[name].shape)
                     if got != want:
                         raise CheckpointError(f"{file}: tensor {name!r} has shape {list(got)}, "
                                               f"expected {list(want)}")
-                    params[name].copy_(f.get_tensor(name))
+                    part = None if tp is None else checkpoint_slice(tp, name, config.head_dim)
+                    if part is None:
+                        params[name].copy_(f.get_tensor(name))
+                    else:
+                        _copy_slice(params[name], f.get_slice(name), *part)
     return model
+
+
+def _copy_slice(param: torch.Tensor, tensor_slice, dim: int, start: int, stop: int) -> None:
+    """Rows (`dim` 0) or columns (`dim` 1) `[start, stop)` of a checkpoint tensor into `param`;
+    rows `param` has beyond them (the padding of the last vocabulary shard) are zeroed."""
+    if dim == 0:
+        part = tensor_slice[start:stop]
+        param[: stop - start].copy_(part)
+        param[stop - start:].zero_()
+    else:
+        param.copy_(tensor_slice[:, start:stop])
 
 
 def _ignorable(name: str, config: ModelConfig) -> bool:

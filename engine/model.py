@@ -16,6 +16,11 @@ cast back before the weight, RoPE frequencies computed in float32 by HF's formul
 float32 (float64 for float64 models) cast to the model dtype, `rotate_half` convention.
 Parameter names equal the Hugging Face checkpoint names, so `named_parameters()` is the
 loader's list of expected tensors.
+
+Given a `TPShard` (`--tp N`, `esp.engine.tensor_parallel`), the same module holds one rank's
+part: its query and KV heads, its slice of the MLP, its rows of the vocabulary, with o_proj,
+down_proj and the embedding all-reduced and the logits all-gathered over the instance's
+subgroup. Without one (tp 1) the layers are plain `nn.Linear` / `nn.Embedding`.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from torch.nn.utils import skip_init
 
 from esp.engine.model_config import ModelConfig
 from esp.engine.rope import dynamic_inv_freq, rope_attention_factor, rope_inv_freq
+from esp.engine.tensor_parallel import RowParallelLinear, TPShard, VocabParallelEmbedding, gather_logits
 
 AttentionFn = Callable[[int, Tensor, Tensor, Tensor], Tensor]
 """`attention(layer, q [T, H, D], k [T, KVH, D], v [T, KVH, D]) -> out [T, H, D]`, RoPE applied."""
@@ -63,14 +69,25 @@ def _linear(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device | No
     return skip_init(nn.Linear, n_in, n_out, bias=bias, dtype=dtype, device=device)
 
 
+def _out_linear(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device | None, bias: bool,
+                tp: TPShard | None) -> nn.Module:
+    """o_proj / down_proj: row-parallel (all-reduced) under tensor parallelism."""
+    if tp is None:
+        return _linear(n_in, n_out, dtype, device, bias)
+    return RowParallelLinear(n_in, n_out, bias, tp.group, dtype, device)
+
+
 class LlamaAttention(nn.Module):
-    def __init__(self, c: ModelConfig, dtype: torch.dtype, device: torch.device | None) -> None:
+    def __init__(self, c: ModelConfig, dtype: torch.dtype, device: torch.device | None,
+                 tp: TPShard | None = None) -> None:
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.q_proj = _linear(c.hidden_size, c.num_attention_heads * c.head_dim, dtype, device, c.qkv_bias)
-        self.k_proj = _linear(c.hidden_size, c.num_key_value_heads * c.head_dim, dtype, device, c.qkv_bias)
-        self.v_proj = _linear(c.hidden_size, c.num_key_value_heads * c.head_dim, dtype, device, c.qkv_bias)
-        self.o_proj = _linear(c.num_attention_heads * c.head_dim, c.hidden_size, dtype, device, c.o_bias)
+        self.heads = c.num_attention_heads if tp is None else tp.heads
+        self.kv_heads = c.num_key_value_heads if tp is None else tp.kv_heads
+        self.head_dim = c.head_dim
+        self.q_proj = _linear(c.hidden_size, self.heads * c.head_dim, dtype, device, c.qkv_bias)
+        self.k_proj = _linear(c.hidden_size, self.kv_heads * c.head_dim, dtype, device, c.qkv_bias)
+        self.v_proj = _linear(c.hidden_size, self.kv_heads * c.head_dim, dtype, device, c.qkv_bias)
+        self.o_proj = _out_linear(self.heads * c.head_dim, c.hidden_size, dtype, device, c.o_bias, tp)
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype, device)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype, device)
@@ -87,23 +104,26 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, c: ModelConfig, dtype: torch.dtype, device: torch.device | None) -> None:
+    def __init__(self, c: ModelConfig, dtype: torch.dtype, device: torch.device | None,
+                 tp: TPShard | None = None) -> None:
         super().__init__()
-        self.gate_proj = _linear(c.hidden_size, c.intermediate_size, dtype, device)
-        self.up_proj = _linear(c.hidden_size, c.intermediate_size, dtype, device)
-        self.down_proj = _linear(c.intermediate_size, c.hidden_size, dtype, device)
+        inter = c.intermediate_size if tp is None else tp.inter_end - tp.inter_start
+        self.gate_proj = _linear(c.hidden_size, inter, dtype, device)
+        self.up_proj = _linear(c.hidden_size, inter, dtype, device)
+        self.down_proj = _out_linear(inter, c.hidden_size, dtype, device, False, tp)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, c: ModelConfig, dtype: torch.dtype, device: torch.device | None) -> None:
+    def __init__(self, c: ModelConfig, dtype: torch.dtype, device: torch.device | None,
+                 tp: TPShard | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype, device)
-        self.self_attn = LlamaAttention(c, dtype, device)
+        self.self_attn = LlamaAttention(c, dtype, device, tp)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype, device)
-        self.mlp = LlamaMLP(c, dtype, device)
+        self.mlp = LlamaMLP(c, dtype, device, tp)
 
     def forward(self, layer: int, h: Tensor, cos: Tensor, sin: Tensor, attention: AttentionFn) -> Tensor:
         h = h + self.self_attn(layer, self.input_layernorm(h), cos, sin, attention)
@@ -111,24 +131,28 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, c: ModelConfig, dtype: torch.dtype, device: torch.device | None) -> None:
+    def __init__(self, c: ModelConfig, dtype: torch.dtype, device: torch.device | None,
+                 tp: TPShard | None = None) -> None:
         super().__init__()
-        self.embed_tokens = skip_init(nn.Embedding, c.vocab_size, c.hidden_size, dtype=dtype, device=device)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(c, dtype, device) for _ in range(c.num_hidden_layers))
+        self.embed_tokens = skip_init(nn.Embedding, c.vocab_size, c.hidden_size, dtype=dtype, device=device) \
+            if tp is None else VocabParallelEmbedding(tp, c.hidden_size, dtype, device)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(c, dtype, device, tp) for _ in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype, device)
 
 
 class LlamaForCausalLM(nn.Module):
-    """Parameters are allocated uninitialised; `esp.engine.loader.load_model` fills them."""
+    """Parameters are allocated uninitialised; `esp.engine.loader.load_model` fills them.
+    `tp`: the part of the model one tensor-parallel rank holds (None: all of it)."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, tp: TPShard | None = None) -> None:
         super().__init__()
         device = torch.device(device if device is not None else "cpu")
         self.config = config
-        self.model = LlamaModel(config, dtype, device)
-        self.lm_head = None if config.tie_word_embeddings else _linear(config.hidden_size, config.vocab_size,
-                                                                       dtype, device)
+        self.tp = tp
+        self.model = LlamaModel(config, dtype, device, tp)
+        vocab = config.vocab_size if tp is None else tp.vocab_rows
+        self.lm_head = None if config.tie_word_embeddings else _linear(config.hidden_size, vocab, dtype, device)
         self.register_buffer("inv_freq", rope_inv_freq(config).to(device), persistent=False)
         self.attention_factor = rope_attention_factor(config)
         self.dynamic = config.rope_scaling is not None and config.rope_scaling.rope_type == "dynamic"
@@ -168,6 +192,10 @@ class LlamaForCausalLM(nn.Module):
         return self.model.norm(h)
 
     def compute_logits(self, hidden: Tensor) -> Tensor:
-        """`hidden [N, hidden]` -> logits `[N, vocab]` in float32 (float64 for float64 models)."""
+        """`hidden [N, hidden]` -> logits `[N, vocab]` in float32 (float64 for float64 models);
+        under tensor parallelism every rank calls it and gets the same all-gathered logits."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).to(_compute_dtype(weight.dtype))
+        logits = F.linear(hidden, weight)
+        if self.tp is not None:
+            logits = gather_logits(logits, self.tp)
+        return logits.to(_compute_dtype(weight.dtype))

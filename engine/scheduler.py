@@ -185,20 +185,21 @@ class Scheduler:
                     break
                 view = view or self.view()
                 new = self._guard(stage, view, failed)
-                if new:
-                    steps += new
+                if new is None or new:  # steps launched or requests rejected: the view is stale
+                    steps += new or []
                     view = None
             if steps or self.in_flight or not self._preempt_if_stuck():
                 failed += self.stuck
                 self.stuck = []
                 return steps, failed
 
-    def _guard(self, stage, view: ClusterView, failed: list[Request]) -> list[Step]:
+    def _guard(self, stage, view: ClusterView, failed: list[Request]) -> list[Step] | None:
+        """The stage's steps; None when it broke a rule (the requests it names end)."""
         try:
             return stage(view)
         except PolicyViolation as err:
             self._reject(err, failed)
-            return []
+            return None
 
     def _reject(self, err: PolicyViolation, failed: list[Request]) -> None:
         """End the requests a broken rule names (those not in a step) with its message."""

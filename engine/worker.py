@@ -2,6 +2,12 @@
 
 Workers never decide. They execute the steps the main process sends, in order, and
 answer each with a `StepDone` (or a `WorkerFailed`). The loop dispatches on message type.
+
+With `--tp N` an instance is N of these processes (`esp.engine.tensor_parallel`): each gets
+every step of its instance, holds the same slot lists for its own heads, and runs the same
+code; collectives on the instance's subgroup keep them in step. All of them sample (from the
+same all-gathered logits, with the same seeds, so they agree on every token a round feeds
+back); only tp rank 0 reports tokens and failures, and only it hears `EndRound`.
 """
 from __future__ import annotations
 
@@ -38,35 +44,57 @@ class WorkerSpec:
     threads: int
     dist_init: str
     cpus: tuple[int, ...] = ()
+    tp: int = 1
+    tp_rank: int = 0
+
+    @property
+    def process_rank(self) -> int:
+        """Rank in the torch.distributed job: `rank * tp + tp_rank` (`world_size` counts processes)."""
+        return self.rank * self.tp + self.tp_rank
 
 
 class Worker:
     """Executes steps. Per request it keeps its local slot list and, once told, its sampling
     parameters; both are forgotten when a step lists the request in `released`."""
 
-    def __init__(self, spec: WorkerSpec, conn=None) -> None:
+    def __init__(self, spec: WorkerSpec, conn=None, tp_group=None) -> None:
         from esp.engine.loader import load_model, resolve_dtype
 
         self.spec = spec
         self.rank = spec.rank
         self.conn = conn
         self.device = torch.device(spec.device)
-        self.model = load_model(spec.model_dir, resolve_dtype(spec.dtype, self.device), self.device)
+        shard = None
+        if spec.tp > 1:
+            from esp.engine.model_config import ModelConfig
+            from esp.engine.tensor_parallel import TPShard
+            shard = TPShard.of(ModelConfig.from_dir(spec.model_dir), spec.tp, spec.tp_rank, tp_group)
+        self.tp_group = tp_group
+        self.reports = spec.tp_rank == 0  # the one process of the instance that reports tokens
+        self.model = load_model(spec.model_dir, resolve_dtype(spec.dtype, self.device), self.device, shard)
         cfg = self.model.config
+        kv_heads = cfg.num_key_value_heads if shard is None else shard.kv_heads
         dtype = next(self.model.parameters()).dtype
-        slots = spec.kv_slots or self._slots_from_free_memory(cfg, dtype)
-        self.pool = KVPool(cfg.num_hidden_layers, slots, cfg.num_key_value_heads, cfg.head_dim, dtype, self.device)
+        slots = spec.kv_slots or self._slots_from_free_memory(cfg, kv_heads, dtype)
+        self.pool = KVPool(cfg.num_hidden_layers, slots, kv_heads, cfg.head_dim, dtype, self.device)
         self.local: dict[int, SlotList] = {}
         self.sampling: dict[int, tuple[SamplingParams, int]] = {}
-        self.comm = PeerComm(self.rank)
+        self.comm = PeerComm(self.rank, spec.tp, spec.tp_rank)
         self.failed: dict[int, str] = {}
         self.backlog: list[object] = []
 
-    def _slots_from_free_memory(self, cfg, dtype: torch.dtype, fraction: float = 0.85) -> int:
-        """On a GPU: most of the memory left after loading the model."""
+    def _slots_from_free_memory(self, cfg, kv_heads: int, dtype: torch.dtype, fraction: float = 0.85) -> int:
+        """On a GPU: most of the memory left after loading the model (the least any tp rank of
+        the instance has, so that all of them hold the same slots)."""
         free, _ = torch.cuda.mem_get_info(self.device)
-        per_slot = KVPool.bytes_per_slot(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, dtype)
-        return max(1, int(free * fraction) // per_slot)
+        per_slot = KVPool.bytes_per_slot(cfg.num_hidden_layers, kv_heads, cfg.head_dim, dtype)
+        slots = max(1, int(free * fraction) // per_slot)
+        if self.spec.tp > 1:
+            import torch.distributed as dist
+            least = torch.tensor([slots], dtype=torch.int64, device=self.device)
+            dist.all_reduce(least, op=dist.ReduceOp.MIN, group=self.tp_group)
+            slots = int(least)
+        return slots
 
     def run(self, msg: object) -> object:
         """Forget what the step releases, then execute it."""
@@ -140,20 +168,22 @@ class Worker:
             if ran == msg.steps or not self._round_goes_on(msg):
                 return self._done(msg.step_id, sampled, t0, ran)
             tokens = [sampled.get(rid, 0) for rid in ctx.mine_ids]
-            if sampled and self.conn is not None:
+            if sampled and self.conn is not None and self.reports:
                 self.conn.send(DecodeTokens(msg.step_id, self.rank,
                                             {rid: t for rid, t in sampled.items() if rid not in self.failed}))
 
     def _round_goes_on(self, msg: DecodeBatch) -> bool:
-        """The leader ends the round when the main process asked it to (`EndRound`) or sent
-        anything else; it tells the other members, who follow its word."""
-        flag = torch.zeros(1, dtype=torch.int64)
-        leader = msg.group[0]
-        if self.rank == leader:
+        """The leader (tp rank 0 of the group's first instance) ends the round when the main
+        process asked it to (`EndRound`) or sent anything else; it tells every other process
+        of the group, who follow its word."""
+        flag = torch.zeros(1, dtype=torch.int64, device=self.device)  # NCCL sends device tensors only
+        comm, leader = self.comm, self.comm.process(msg.group[0], 0)
+        if comm.process(self.rank) == leader:
             flag[0] = int(not self._end_requested(msg.step_id))
-            self.comm.start([(r, flag) for r in msg.group[1:]], []).wait()
+            others = [comm.process(r, t) for r in msg.group for t in range(comm.tp)]
+            comm.start([(p, flag) for p in others if p != leader], [], processes=True).wait()
         else:
-            self.comm.start([], [(leader, flag)]).wait()
+            comm.start([], [(leader, flag)], processes=True).wait()
         return bool(flag[0])
 
     def _end_requested(self, step_id: int) -> bool:
@@ -210,6 +240,8 @@ class Worker:
     def _done(self, step_id: int, sampled: dict, t0: float, iterations: int = 1) -> StepDone:
         comm_s = self.comm.end_step()
         failed, self.failed = self.failed, {}
+        if not self.reports:  # tp rank 0 of the instance reports the tokens all its ranks sampled
+            sampled, failed = {}, {}
         sampled = {rid: tok for rid, tok in sampled.items() if rid not in failed}
         return StepDone(step_id, self.rank, sampled, time.perf_counter() - t0 - comm_s, comm_s, failed,
                         iterations)
@@ -235,6 +267,11 @@ def _die_with_parent() -> None:
     threading.Thread(target=watch, daemon=True, name="esp-parent-watchdog").start()
 
 
+def worker_name(spec: WorkerSpec) -> str:
+    """How logs and errors name a worker process."""
+    return f"worker {spec.rank}" if spec.tp == 1 else f"worker {spec.rank} (tp rank {spec.tp_rank})"
+
+
 def worker_main(spec: WorkerSpec, conn) -> None:
     """Entry point of a worker process: set up, announce `Ready`, then serve messages until `Shutdown`.
     Ctrl-C reaches the whole process group: the main process shuts the workers down, so they
@@ -246,17 +283,21 @@ def worker_main(spec: WorkerSpec, conn) -> None:
     torch.set_num_threads(spec.threads)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    tp_group = None
     try:
         if spec.world_size > 1:
             import torch.distributed as dist
             backend = "nccl" if spec.device.startswith("cuda") else "gloo"
             if spec.device.startswith("cuda"):
                 torch.cuda.set_device(torch.device(spec.device))
-            dist.init_process_group(backend, init_method=spec.dist_init, rank=spec.rank,
+            dist.init_process_group(backend, init_method=spec.dist_init, rank=spec.process_rank,
                                     world_size=spec.world_size)
-        worker = Worker(spec, conn)
+            if spec.tp > 1:
+                from esp.engine.tensor_parallel import new_instance_groups
+                tp_group = new_instance_groups(spec.world_size // spec.tp, spec.tp, spec.process_rank)
+        worker = Worker(spec, conn, tp_group)
     except Exception as exc:
-        conn.send(WorkerFailed(spec.rank, None, f"worker {spec.rank} failed to start: {exc}",
+        conn.send(WorkerFailed(spec.rank, None, f"{worker_name(spec)} failed to start: {exc}",
                                traceback.format_exc()))
         return
     conn.send(Ready(spec.rank, worker.pool.num_slots, spec.device, str(worker.pool.k.dtype)))
@@ -271,7 +312,7 @@ def worker_main(spec: WorkerSpec, conn) -> None:
             reply = worker.run(msg)
         except Exception as exc:
             reply = WorkerFailed(spec.rank, getattr(msg, "step_id", None),
-                                 f"worker {spec.rank}: {type(exc).__name__}: {exc}", traceback.format_exc())
+                                 f"{worker_name(spec)}: {type(exc).__name__}: {exc}", traceback.format_exc())
         if reply is not None:
             conn.send(reply)
     if spec.world_size > 1:

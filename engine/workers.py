@@ -7,6 +7,12 @@ streams (`DecodeTokens`) go to `on_tokens`. A worker that
 dies or fails inside a multi-instance step takes the group down (its peers cannot finish
 the step); the engine then calls `restart()`, which reaps every process and starts a fresh
 torch.distributed job.
+
+With `--tp N` an instance is N processes (process `instance * N + tp_rank`, one link each): a
+step goes to every process of every instance of its group, pickled once, and its result waits
+for all their `StepDone`s; tp rank 0 reports the tokens, and a round's `EndRound` goes to tp
+rank 0 of its leader. Any failure of a process fails the whole backend (its tp peers are
+blocked in collectives).
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ from esp.engine.backend import BackendError, StepResult
 from esp.engine.errors import EngineStartError
 from esp.engine.protocol import (DecodeBatch, DecodeTokens, EndRound, MixedBatch, PrefillBatch, Ready, Shutdown, Step,
                                  StepDone, WorkerFailed)
-from esp.engine.worker import WorkerSpec, worker_main
+from esp.engine.worker import WorkerSpec, worker_main, worker_name
 
 log = logging.getLogger("esp.engine")
 
@@ -44,8 +50,9 @@ class _Link:
 
     BIG_TOKENS = 1 << 15
 
-    def __init__(self, rank: int, send_conn, recv_conn, process) -> None:
+    def __init__(self, rank: int, send_conn, recv_conn, process, name: str = "") -> None:
         self.rank, self.recv_conn, self.process = rank, recv_conn, process
+        self.name = name or f"worker {rank}"
         self._send_conn = send_conn
         self._fd = send_conn.fileno()
         os.set_blocking(self._fd, False)
@@ -54,14 +61,15 @@ class _Link:
         self.broken = False
 
     def send(self, msg: object) -> None:
+        self.push(_framed(msg))
+
+    def push(self, frame: bytes | asyncio.Future) -> None:
+        """Queue a message framed by `_framed` (one frame can go to many links)."""
         if self.broken:
             return
-        if _prompt_tokens(msg) >= self.BIG_TOKENS:
-            fut = asyncio.get_running_loop().run_in_executor(None, _frame, msg)
-            fut.add_done_callback(lambda _: self._pump())
-            self._out.append(fut)
-        else:
-            self._out.append(_frame(msg))
+        if isinstance(frame, asyncio.Future):
+            frame.add_done_callback(lambda _: self._pump())
+        self._out.append(frame)
         self._pump()
 
     def _pump(self) -> None:
@@ -99,6 +107,13 @@ class _Link:
         self._send_conn.close()
 
 
+def _framed(msg: object) -> bytes | asyncio.Future:
+    """`msg` framed now, or in a thread (a future) when it carries a long prompt."""
+    if _prompt_tokens(msg) >= _Link.BIG_TOKENS:
+        return asyncio.get_running_loop().run_in_executor(None, _frame, msg)
+    return _frame(msg)
+
+
 def _frame(msg: object) -> bytes:
     """`msg` as `Connection.send` would write it: a big-endian length, then the pickle."""
     data = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
@@ -114,7 +129,8 @@ def _prompt_tokens(msg: object) -> int:
 
 class WorkerGroup:
     """The instances of one engine, started together and joined in one torch.distributed job.
-    `make_specs()` gives fresh specs (a new rendezvous) for every start."""
+    `make_specs()` gives fresh specs (a new rendezvous) for every start, one per process
+    (instance by instance, tp rank by tp rank). `links` are indexed by process rank."""
 
     def __init__(self, make_specs: Callable[[], list[WorkerSpec]], tokenizer_dir: str | None = None,
                  max_model_len: int = 0) -> None:
@@ -132,13 +148,24 @@ class WorkerGroup:
         self._rounds: dict[int, int] = {}  # step id -> leader of a multi-step round in flight
         self.start_seconds = 0.0
         self._specs: list[WorkerSpec] = []
+        self.tp = 1
 
     @classmethod
     def for_config(cls, config, model) -> WorkerGroup:
         from esp.engine.instances import worker_specs
+        if config.tp > 1:
+            from esp.engine.tensor_parallel import TensorParallelError, check_tp
+            try:
+                check_tp(model, config.tp)
+            except TensorParallelError as err:
+                raise EngineStartError(str(err)) from None
         if config.device == "cuda":
-            _check_cuda(config.instances)
+            _check_cuda(config.instances, config.tp)
         return cls(lambda: worker_specs(config, model), str(config.model_dir), model.max_position_embeddings)
+
+    def processes(self, rank: int) -> range:
+        """The process ranks of instance `rank`."""
+        return range(rank * self.tp, (rank + 1) * self.tp)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -149,18 +176,22 @@ class WorkerGroup:
         self.dead = None
         ctx = mp.get_context("spawn")
         self._specs = self.make_specs()
+        self.tp = self._specs[0].tp if self._specs else 1
         for spec in self._specs:
+            proc_rank = spec.process_rank
+            assert proc_rank == len(self.links), "specs must come in process rank order"
             to_worker_r, to_worker_w = ctx.Pipe(duplex=False)
             from_worker_r, from_worker_w = ctx.Pipe(duplex=False)
+            suffix = f"{spec.rank}" if spec.tp == 1 else f"{spec.rank}.{spec.tp_rank}"
             proc = ctx.Process(target=worker_main, args=(spec, _Duplex(to_worker_r, from_worker_w)),
-                               daemon=True, name=f"esp-worker-{spec.rank}")
+                               daemon=True, name=f"esp-worker-{suffix}")
             with _worker_env(spec):
                 _start_ignoring_sigint(proc)
             to_worker_r.close()
             from_worker_w.close()
-            self._ready[spec.rank] = loop.create_future()
-            self.links.append(_Link(spec.rank, to_worker_w, from_worker_r, proc))
-            loop.add_reader(from_worker_r.fileno(), self._on_readable, spec.rank)
+            self._ready[proc_rank] = loop.create_future()
+            self.links.append(_Link(proc_rank, to_worker_w, from_worker_r, proc, worker_name(spec)))
+            loop.add_reader(from_worker_r.fileno(), self._on_readable, proc_rank)
         futs = list(self._ready.values())
         try:
             ready = await asyncio.gather(*futs)
@@ -172,7 +203,10 @@ class WorkerGroup:
             raise
         finally:
             self._ready.clear()
-        self.kv_slots = [r.kv_slots for r in ready]
+        self.kv_slots = [r.kv_slots for r in ready[:: self.tp]]
+        if any(r.kv_slots != self.kv_slots[r.rank] for r in ready):
+            await self.shutdown()
+            raise BackendError(f"the tp ranks of an instance report different KV pools: {[r.kv_slots for r in ready]}")
         self.start_seconds = time.monotonic() - t0
 
     async def restart(self) -> None:
@@ -180,22 +214,23 @@ class WorkerGroup:
         await self.start()
 
     async def run(self, step: Step) -> StepResult:
-        """Send `step` to every member of its group and gather their `StepDone`s."""
+        """Send `step` to every process of every member of its group and gather their `StepDone`s."""
         if self.dead:
             raise BackendError(self.dead)
         loop = asyncio.get_running_loop()
         futs = []
-        for rank in step.group:
+        frame = _framed(step)  # pickled once for the whole group
+        for proc in (p for rank in step.group for p in self.processes(rank)):
             fut = loop.create_future()
-            self._pending[(step.step_id, rank)] = fut
-            self.links[rank].send(step)
+            self._pending[(step.step_id, proc)] = fut
+            self.links[proc].push(frame)
             futs.append(fut)
         if isinstance(step, DecodeBatch) and step.steps > 1:
-            self._rounds[step.step_id] = step.group[0]
+            self._rounds[step.step_id] = step.group[0] * self.tp
         try:
             done: list[StepDone] = await asyncio.gather(*futs)
         except BackendError as err:
-            if len(step.group) > 1:
+            if len(futs) > 1:
                 self._fail_all(f"an instance failed in a step of group {step.group} ({err}); "
                                f"its peers cannot finish the step")
             raise
@@ -213,7 +248,7 @@ class WorkerGroup:
 
     def end_round(self, step_id: int) -> None:
         """Ask the round `step_id` (if it is still running) to end after its iteration in progress."""
-        leader = self._rounds.pop(step_id, None)
+        leader = self._rounds.pop(step_id, None)  # the process: tp rank 0 of the group's first instance
         if leader is not None and not self.dead:
             self.links[leader].send(EndRound(step_id))
 
@@ -233,7 +268,7 @@ class WorkerGroup:
             if link.process.is_alive():
                 link.process.kill()
                 await loop.run_in_executor(None, link.process.join, 5)
-            log.info("worker %d stopped (exit code %s)", link.rank, link.process.exitcode)
+            log.info("%s stopped (exit code %s)", link.name, link.process.exitcode)
             link.recv_conn.close()
         self.links.clear()
         _remove_rendezvous(self._specs)
@@ -248,7 +283,7 @@ class WorkerGroup:
         except (EOFError, OSError):
             asyncio.get_running_loop().remove_reader(conn.fileno())
             link.process.join(1.0)
-            self._fail_all(f"worker {rank} exited ({_exit_status(link.process.exitcode)})")
+            self._fail_all(f"{link.name} exited ({_exit_status(link.process.exitcode)})")
 
     def _deliver(self, rank: int, msg: object) -> None:
         if isinstance(msg, Ready):
@@ -262,12 +297,12 @@ class WorkerGroup:
                 fut.set_result(msg)
         elif isinstance(msg, WorkerFailed):
             if msg.step_id is None:
-                log.debug("worker %d failed to start:\n%s", rank, msg.traceback)
+                log.debug("%s failed to start:\n%s", self.links[rank].name, msg.traceback)
                 fut = self._ready.get(rank)
                 if fut is not None and not fut.done():
                     fut.set_exception(BackendError(msg.message))
                 return
-            log.warning("worker %d failed step %d: %s\n%s", rank, msg.step_id, msg.message, msg.traceback)
+            log.warning("%s failed step %d: %s\n%s", self.links[rank].name, msg.step_id, msg.message, msg.traceback)
             fut = self._pending.pop((msg.step_id, rank), None)
             if fut is not None and not fut.done():
                 fut.set_exception(BackendError(msg.message))
@@ -325,15 +360,15 @@ def _start_ignoring_sigint(proc) -> None:
         signal.signal(signal.SIGINT, previous)
 
 
-def _check_cuda(instances: int) -> None:
+def _check_cuda(instances: int, tp: int = 1) -> None:
     import torch
     if not torch.cuda.is_available():
         raise EngineStartError(
             f"--device cuda, but this torch ({torch.__version__}) cannot use CUDA: install a CUDA build of torch "
             f"into this environment (pip install torch from your CUDA wheel index) or use --device cpu")
-    if torch.cuda.device_count() < instances:
-        raise EngineStartError(f"--instances {instances} needs as many GPUs, but {torch.cuda.device_count()} "
-                               f"are visible")
+    if torch.cuda.device_count() < instances * tp:
+        need = f"--instances {instances}" if tp == 1 else f"--instances {instances} x --tp {tp} ({instances * tp})"
+        raise EngineStartError(f"{need} needs as many GPUs, but {torch.cuda.device_count()} are visible")
 
 
 def _remove_rendezvous(specs: list[WorkerSpec]) -> None:

@@ -78,7 +78,7 @@ class ForcedScaling(ScalingPolicy):
         if not CURRENT[0].migrate:
             return []
         for req in view.running:
-            spare = [r for r in (3, 2, 1, 0) if r not in req.kv_tokens]
+            spare = [r for r in reversed(range(view.num_instances)) if r not in req.kv_tokens]
             if req.output_len == 2 and spare and set(req.kv_tokens) <= view.idle:
                 src = next(iter(req.kv_tokens))
                 return [Migration(req.request_id, src, spare[0], min(40, req.kv_tokens[src]))]

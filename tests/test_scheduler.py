@@ -338,3 +338,26 @@ def test_the_esp_record_counts_the_iterations_a_round_ran_not_those_planned():
     s.complete(step.step_id, {1: [5, 5]})
     assert req.esp.decode_groups == {(0,): 2} and req.esp.masters == {0: 2}
     assert req.status is Status.RUNNING and req.num_kv == 12 and s.free_slots() == [8]
+
+
+def test_a_request_a_stage_rejects_is_not_planned_by_the_next_stage():
+    """A migration to an instance that does not exist breaks a rule: the request ends with the
+    error, and the decode stage of the same `schedule()` does not plan it (its view is rebuilt)."""
+    from esp.policies import Migration, PolicySet
+
+    class BadMigration(GreedyScaling):
+        def migrations(self, view):
+            return [Migration(r.request_id, next(iter(r.kv_tokens)), 99, 1) for r in view.running][:1]
+
+    p = loong()
+    s = Scheduler(PolicySet("bad", p.scheduling, p.batching, BadMigration(PolicyOptions())), [32, 32])
+    bad, good = make_request(1, 5, max_tokens=4), make_request(2, 5, max_tokens=4)
+    s.add(bad)
+    (step,), _ = s.schedule()
+    s.complete(step.step_id, {1: 5})
+    steps, failed = s.schedule()
+    assert failed == [bad] and bad.finish_reason == "error" and "99" in bad.error
+    assert not steps and not s.requests and s.free_slots() == [32, 32]
+    s.add(good)
+    (step,), failed = s.schedule()
+    assert not failed and step.seqs[0].request_id == 2
