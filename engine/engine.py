@@ -116,6 +116,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         self.cost_model = load_profile(self.config.profile) if self.config.profile else self.default_cost_model()
+        self._check_profile_tp()
         self._log_plan()
         self.backend = create_backend(self.config, self.model_config, self.cost_model)
         try:
@@ -136,6 +137,19 @@ class Engine:
                  self._start_s, slots, self.max_model_len, self.policies.name)
         self._loop_task = asyncio.create_task(self._run(), name="esp-engine-loop")
         return self
+
+    def _check_profile_tp(self) -> None:
+        """The profile times instances of `cost_model.tp` devices: under the simulator that is
+        the instance (`--tp` must agree when given); on real workers a mismatch only misleads
+        the policies."""
+        model_tp, tp = self.cost_model.tp, self.config.tp
+        if model_tp == tp or (self.config.backend == "sim" and tp == 1):
+            return
+        message = (f"--tp {tp}, but profile {self.cost_model.name} times instances of {model_tp} device(s): "
+                   f"choose a profile for tp {tp} (e.g. a800-lwm7b-tp{tp})")
+        if self.config.backend == "sim":
+            raise EngineStartError(message)
+        log.warning("%s; the policies' predictions will be off", message)
 
     def _log_plan(self) -> None:
         c, m = self.config, self.model_config

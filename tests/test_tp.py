@@ -247,3 +247,17 @@ async def test_qwen3_tp2_sampling_failure_ends_alone_and_a_killed_tp_rank_restar
     assert engine.health().ok and not any(p.is_alive() for p in old)
     assert (await final(engine, ids, GREEDY)).token_ids == want
     assert slots_all_free(engine)
+
+
+def test_the_simulator_takes_tp_from_its_profile():
+    """Under the simulator an instance is what the profile times: `--tp` must agree with it."""
+    from esp.engine.errors import EngineStartError
+
+    async def start(tp: int, profile: str) -> int:
+        config = EngineConfig(backend="sim", profile=profile, instances=4, tp=tp, log_requests=False)
+        async with Engine(config) as engine:
+            return engine.cost_model.tp
+    assert asyncio.run(start(2, "a800-lwm7b-tp2")) == 2
+    assert asyncio.run(start(1, "a800-lwm7b-tp4")) == 4  # --tp left at its default: the profile's
+    with pytest.raises(EngineStartError, match="a800-lwm7b-tp2"):
+        asyncio.run(start(2, "a800-lwm7b"))
