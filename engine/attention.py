@@ -13,8 +13,8 @@ import torch
 from esp.engine.comm import PeerComm
 from esp.engine.kv_pool import KVPool, SlotList
 from esp.engine.protocol import DecodeBatch, PrefillBatch
-from esp.kernels import (StripeLayout, decode_partial_attention, merge_attn_states, slot_runs, store_kv,
-                         striped_attention_step)
+from esp.kernels import (StripeLayout, append_slots, decode_partial_attention, merge_attn_states, slot_runs,
+                         store_kv, striped_attention_step)
 
 
 @dataclass(frozen=True)
@@ -103,39 +103,47 @@ class StripedPrefill:
 
 class DistributedDecode:
     """Multi-master decode: masters send Q to the holders of each request's KV, holders
-    return partial `(out, lse)`, masters merge (DESIGN 4.4). One per iteration of a round:
-    iteration `k` stores into each row's k-th slot at its position + k."""
+    return partial `(out, lse)`, masters merge (DESIGN 4.4). Built once per round: who sends
+    to whom and the slots of the requests served here; `iteration(k, tokens)` then stores
+    each row's k-th slot at its position + k, and on the CPU extends the slot runs of the
+    previous iteration by the one new slot per row instead of splitting them again."""
 
-    def __init__(self, batch: DecodeBatch, k: int, tokens: list[int], rank: int, pool: KVPool,
-                 local: dict[int, SlotList], comm: PeerComm, device: torch.device) -> None:
-        self.pool, self.comm, self.rank = pool, comm, rank
-        rows, steps = batch.rows, batch.steps
-        rids, masters, holders = rows.request_ids, rows.masters, rows.holders
+    def __init__(self, batch: DecodeBatch, rank: int, pool: KVPool, local: dict[int, SlotList],
+                 comm: PeerComm, device: torch.device) -> None:
+        self.pool, self.comm, self.rank, self.local, self.device = pool, comm, rank, local, device
+        self.rows, self.steps = batch.rows, batch.steps
+        rids, masters, holders = self.rows.request_ids, self.rows.masters, self.rows.holders
         self.mine = [i for i, m in enumerate(masters) if m == rank]
         self.mine_ids = [rids[i] for i in self.mine]
-        slots = [rows.slots[i] if k == 0 else rows.next_slots[i * (steps - 1) + k - 1] for i in self.mine]
+        bit = 1 << rank
+        self.peers = [r for r in batch.group if r != rank]
+        self.send_rows = {b: torch.tensor([j for j, i in enumerate(self.mine) if holders[i] >> b & 1],
+                                          dtype=torch.int64, device=device) for b in self.peers}
+        theirs = {a: [rids[i] for i, m in enumerate(masters) if m == a and holders[i] & bit] for a in self.peers}
+        self.recv_counts = {a: len(ids) for a, ids in theirs.items()}
+        self.served = self.mine_ids + [rid for a in self.peers for rid in theirs[a]]
+        self.runs = None
+
+    def iteration(self, k: int, tokens: list[int]) -> DistributedDecode:
+        rows, device = self.rows, self.device
+        slots = [rows.slots[i] if k == 0 else rows.next_slots[i * (self.steps - 1) + k - 1] for i in self.mine]
         for rid, slot in zip(self.mine_ids, slots):
-            held = local.get(rid)
+            held = self.local.get(rid)
             if held is None:
-                held = local[rid] = SlotList(device)
+                held = self.local[rid] = SlotList(device)
             held.append(slot)
         self.store_slots = torch.tensor(slots, dtype=torch.int64, device=device)
-        bit = 1 << rank
-        peers = [r for r in batch.group if r != rank]
-        self.send_rows = {b: torch.tensor([j for j, i in enumerate(self.mine) if holders[i] >> b & 1],
-                                          dtype=torch.int64, device=device) for b in peers}
-        theirs = {a: [rids[i] for i, m in enumerate(masters) if m == a and holders[i] & bit] for a in peers}
-        self.recv_counts = {a: len(ids) for a, ids in theirs.items()}
-        lists = [local[rid].tensor() for rid in self.mine_ids + [rid for a in peers for rid in theirs[a]]]
+        lists = [self.local[rid].tensor() for rid in self.served]
         self.slots = torch.cat(lists) if lists else torch.empty(0, dtype=torch.int64, device=device)
         cu = torch.zeros(len(lists) + 1, dtype=torch.int64)
         cu[1:] = torch.cumsum(torch.tensor([len(x) for x in lists], dtype=torch.int64), 0)
         self.cu = cu.to(device)
-        # contiguous runs of slots are read in place by the CPU kernel; split them once per step
-        self.runs = slot_runs(self.slots, self.cu) if self.slots.device.type == "cpu" else None
-        self.peers = peers
+        if self.slots.device.type == "cpu":  # contiguous runs are read in place by the CPU kernel
+            self.runs = slot_runs(self.slots, self.cu) if self.runs is None else \
+                append_slots(self.runs, self.slots, self.cu, self.store_slots)
         self.positions = torch.tensor([rows.positions[i] + k for i in self.mine], dtype=torch.int64, device=device)
         self.input_ids = torch.tensor(tokens, dtype=torch.int64, device=device)
+        return self
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         pool_k, pool_v = self.pool.k[layer], self.pool.v[layer]

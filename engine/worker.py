@@ -158,8 +158,9 @@ class Worker:
         mine = [i for i, m in enumerate(rows.masters) if m == self.rank]
         tokens = [rows.token_ids[i] for i in mine]
         ran = 0
+        round_ = DistributedDecode(msg, self.rank, self.pool, self.local, self.comm, self.device)
         while True:
-            ctx = DistributedDecode(msg, ran, tokens, self.rank, self.pool, self.local, self.comm, self.device)
+            ctx = round_.iteration(ran, tokens)
             with torch.inference_mode():
                 hidden = self.model(ctx.input_ids, ctx.positions, ctx)
                 specs = [self._spec(rows.request_ids[i], rows.indices[i] + ran) for i in mine]

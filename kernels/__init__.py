@@ -10,7 +10,8 @@ Triton kernel (the default on CUDA), chosen in one place, `esp.kernels.backend`,
 from __future__ import annotations
 
 from esp.kernels.backend import get_kernel_backend, resolve_backend, set_kernel_backend
-from esp.kernels.decode import SlotRuns, decode_partial_attention, decode_partial_attention_ref, slot_runs
+from esp.kernels.decode import (SlotRuns, append_slots, decode_partial_attention, decode_partial_attention_ref,
+                                slot_runs)
 from esp.kernels.merge import merge_attn_states, merge_attn_states_ref
 from esp.kernels.prefill import StripeLayout, striped_attention_step, striped_attention_step_ref
 from esp.kernels.store import store_kv, store_kv_ref
@@ -18,6 +19,7 @@ from esp.kernels.store import store_kv, store_kv_ref
 __all__ = [
     "SlotRuns",
     "StripeLayout",
+    "append_slots",
     "decode_partial_attention",
     "decode_partial_attention_ref",
     "get_kernel_backend",

@@ -19,9 +19,9 @@ import torch
 
 from esp.kernels import checks
 from esp.kernels.backend import resolve_backend
-from esp.kernels.decode_cpu import SlotRuns, decode_partial_attention_cpu, slot_runs
+from esp.kernels.decode_cpu import SlotRuns, append_slots, decode_partial_attention_cpu, slot_runs
 
-__all__ = ["SlotRuns", "decode_partial_attention", "decode_partial_attention_ref", "slot_runs"]
+__all__ = ["SlotRuns", "append_slots", "decode_partial_attention", "decode_partial_attention_ref", "slot_runs"]
 
 
 def decode_partial_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -72,6 +72,25 @@ def slot_runs(slots: torch.Tensor, cu_slots: torch.Tensor, min_run: int = MIN_RU
     return SlotRuns(slots, cu_slots, runs, s[in_rest], tuple(rest_cu[cu].tolist()))
 
 
+def append_slots(runs: SlotRuns, slots: torch.Tensor, cu_slots: torch.Tensor, new: torch.Tensor) -> SlotRuns:
+    """`runs` of the previous decode iteration, with one slot more at the end of each of the
+    first `len(new)` requests (`new [m]`): the new slots join those requests' rests (where a
+    rest is read, it may hold consecutive slots), so nothing is split again. `slots` /
+    `cu_slots` are the grown lists the result describes."""
+    m = new.numel()
+    if not m:
+        return SlotRuns(slots, cu_slots, runs.runs, runs.rest_slots, runs.rest_cu)
+    rest_cu = runs.rest_cu
+    at = torch.tensor(rest_cu[1:m + 1], dtype=torch.int64) + torch.arange(m)
+    grown = torch.empty(len(runs.rest_slots) + m, dtype=torch.int64)
+    keep = torch.ones(len(grown), dtype=torch.bool)
+    keep[at] = False
+    grown[keep] = runs.rest_slots.to(torch.int64)
+    grown[at] = new.to(torch.int64)
+    cu = tuple(c + min(j, m) for j, c in enumerate(rest_cu))
+    return SlotRuns(slots, cu_slots, runs.runs, grown, cu)
+
+
 def _softmax_av(scores: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`scores [..., G, L]` (every row with at least one finite score), `v [..., L, D]` ->
     (out `[..., G, D]`, lse `[..., G]`). Consumes `scores`."""

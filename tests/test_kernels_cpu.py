@@ -15,9 +15,9 @@ import torch
 import esp.kernels.decode as decode_mod
 import esp.kernels.prefill as prefill_mod
 import esp.kernels.prefill_cpu as prefill_cpu
-from esp.kernels import (SlotRuns, StripeLayout, decode_partial_attention, decode_partial_attention_ref,
-                         merge_attn_states, resolve_backend, set_kernel_backend, slot_runs,
-                         striped_attention_step, striped_attention_step_ref)
+from esp.kernels import (SlotRuns, StripeLayout, append_slots, decode_partial_attention,
+                         decode_partial_attention_ref, merge_attn_states, resolve_backend, set_kernel_backend,
+                         slot_runs, striped_attention_step, striped_attention_step_ref)
 from esp.kernels.decode_cpu import MIN_RUN
 
 F64, F32 = torch.float64, torch.float32
@@ -241,6 +241,30 @@ def test_slot_runs_split():
     assert runs.rest_slots.tolist() == [7, 8] + r(50 + m, 55 + m) and runs.rest_cu == (0, 2, 7, 7)
     empty = slot_runs(torch.empty(0, dtype=torch.int64), torch.zeros(3, dtype=torch.int64))
     assert empty.runs == () and empty.rest_cu == (0, 0, 0)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32])
+def test_appended_slots_extend_the_runs_as_a_fresh_split_would_attend(dtype):
+    """Three decode iterations: each appends one slot to the first 5 requests of MIXED (the
+    rows this instance masters); the runs carried forward by `append_slots` give the
+    reference's attention, and describe exactly the slots of each request."""
+    g = torch.Generator().manual_seed(9)
+    lists = [list(x) for x in MIXED]
+    q = torch.randn(len(lists), 4, 16, generator=g, dtype=F64)
+    kc, vc = torch.randn(2, 320, 2, 16, generator=g, dtype=F64)
+    runs = None
+    for k, new in enumerate(([300, 301, 302, 303, 304], [305, 306, 307, 308, 309], [310, 11, 312, 313, 314])):
+        for lst, slot in zip(lists, new):
+            lst.append(slot)
+        slots = torch.tensor([s for lst in lists for s in lst], dtype=torch.int64)
+        cu = cu_of([len(lst) for lst in lists])
+        runs = slot_runs(slots, cu) if runs is None else append_slots(runs, slots, cu, torch.tensor(new))
+        got = [sorted(runs.rest_slots[a:b].tolist() + [s + i for rq, s, n in runs.runs if rq == j for i in range(n)])
+               for j, (a, b) in enumerate(zip(runs.rest_cu, runs.rest_cu[1:]))]
+        assert got == [sorted(lst) for lst in lists]
+        out, lse = decode_partial_attention(q.to(dtype), kc.to(dtype), vc.to(dtype), slots, cu, runs=runs)
+        ref_out, ref_lse = decode_partial_attention_ref(q, kc, vc, slots, cu)
+        assert_matches_ref(out, lse, ref_out, ref_lse, dtype)
 
 
 def test_decode_runs_must_belong_to_the_slots():
