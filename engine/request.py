@@ -121,10 +121,11 @@ class Request:
             raise RuntimeError(f"request {self.id} cannot enter a step while {self.status.value}")
         self._changed()
 
-    def leave_step(self) -> None:
-        """Out of a step: RUNNING once its whole prompt (and every output token but the last) is
-        in KV, else WAITING for the next chunk."""
-        self.status = Status.RUNNING if self.num_kv >= self.num_tokens - 1 else Status.WAITING
+    def leave_step(self, sampled: bool) -> None:
+        """Out of a step: a decoding request is RUNNING again; a prefilling one is RUNNING when
+        the step `sampled` its next token (its prompt is all in KV), else WAITING for its next
+        chunk. (A KV count cannot tell: a chunk may end one token before the prompt does.)"""
+        self.status = Status.RUNNING if self.status is Status.DECODING or sampled else Status.WAITING
         self._changed()
 
     def requeue(self) -> None:

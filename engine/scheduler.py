@@ -367,7 +367,7 @@ class Scheduler:
         req = self.requests[move.request_id]
         self.allocators[move.src].free(req.drop_last(move.src, len(move.src_slots)))
         req.add_slots(move.dst, move.dst_slots)
-        req.leave_step()
+        req.leave_step(sampled=False)
         _record(req, records.get(req.id, ()))
         if req.finish_reason:
             self._finish(req, req.finish_reason)
@@ -429,6 +429,8 @@ class Scheduler:
         failed = failed or {}
         rows = step.rows if isinstance(step, DecodeBatch) else step.decode if isinstance(step, MixedBatch) else None
         first = dict(zip(rows.request_ids, rows.indices)) if rows is not None else {}
+        prompts = () if isinstance(step, DecodeBatch) else step.seqs
+        expected = set(first) | {q.request_id for q in prompts if q.sample is not None}
         touched = []
         for rid in flight.request_ids:
             req = self.requests[rid]
@@ -444,10 +446,11 @@ class Scheduler:
                     self._free_unused(req, step, len(req.output_ids) - first[rid])
                 self._record_decode(req, step, len(req.output_ids) - first[rid])
             _record(req, flight.records.get(rid, ()))
-            req.leave_step()
+            samples = rid in expected
+            req.leave_step(samples)
             if req.finish_reason:
                 self._finish(req, req.finish_reason, req.error)
-            elif got is None and req.status is not Status.WAITING:
+            elif got is None and samples:
                 self._finish(req, "error", f"step {step_id} returned no token for this request")
             elif got is None:
                 continue  # a chunk that does not end its prompt
@@ -470,7 +473,7 @@ class Scheduler:
             req = self.requests.get(rid)
             if req is None:
                 continue
-            req.leave_step()
+            req.leave_step(sampled=False)
             req.failures += 1
             if req.finish_reason:
                 self._finish(req, req.finish_reason, req.error)

@@ -2,8 +2,11 @@
 
 Reads the real length/arrival data under ``../shared/traces`` (see its READMEs) and writes
 small JSONL files, one request per line: ``{"arrival_s": float, "input_len": int,
-"output_len": int}`` (DESIGN section 8), plus ``"synthetic": true`` on synthesized LV-Eval
-rows and ``"source"`` in ``mixed``. Only lengths and times are kept, never text.
+"output_len": int}`` (DESIGN section 8), plus ``"synthetic": true`` on rows with synthesized
+lengths (all of LV-Eval, L-Eval's 272 rows without documents, and the ``mixed`` and ``zipf-*``
+rows drawn from them) and ``"source"`` in ``mixed`` and ``zipf-*``. The ranges match
+LoongServe's (ShareGPT 4-2.3K, L-Eval 2.7K-210.5K, LV-Eval 15.1K-497.3K, Zipf 10-200K). Only
+lengths and times are kept, never text.
 
 Deterministic: every random choice uses ``random.Random`` with a fixed seed (Python's
 ``random`` stream is stable across versions), so a rerun gives byte-identical files.
@@ -21,6 +24,7 @@ import json
 import math
 import random
 from pathlib import Path
+from statistics import NormalDist
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SRC = REPO.parent / "shared" / "traces"
@@ -28,8 +32,16 @@ DEFAULT_OUT = REPO / "traces"
 
 WINDOW_S = 600.0  # production traces: keep the first 10 minutes
 LONGBENCH_OUTPUT = 128  # LongBench v2 output length (a short CoT + letter)
-ZIPF_N, ZIPF_BIN, ZIPF_BINS = 2000, 1000, 200  # 2,000 requests, 1K-token bins up to 200K
-ZIPF_OUT = (4, 512)
+ZIPF_N, ZIPF_RANGE, ZIPF_ALPHAS = 2000, (10, 200_000), (1.0, 1.2, 1.4)  # LoongServe: 20,000 requests
+# L-Eval's 272 rows without documents: narrative_qa = 20 documents of 32,805 words on average
+# (OpenLMLab/LEval README) at 1.5 tokens per word (the same README's rule of thumb), the
+# longest request LEVAL_MAX (LoongServe's 210.5K); codeU = 90 codebases of LEVAL_CODEU tokens
+# (uniform; LongCodeU, arXiv 2503.04359, gives L-Eval's longest code input as 36.5K).
+LEVAL_NARRATIVE, LEVAL_MAX, LEVAL_CODEU = (20, 32_805, 1.5), 210_500, (26_500, 36_500)
+# LV-Eval: 11,896 / 102,380 / 387,406 words (min / mean / max, LV-Eval README) over the
+# nominal levels (16K / 99.2K mean / 256K): a triangular factor with that min, mean and max
+LVEVAL_FACTOR = (11_896 / 16_000, 3 * 102_380 / 99_200 - 11_896 / 16_000 - 387_406 / 256_000, 387_406 / 256_000)
+LVEVAL_TOKENS_PER_WORD, LVEVAL_RANGE = 1.28, (15_100, 497_300)
 MIX_PER_SOURCE, MIX_MIN_IN, MIX_MIN_OUT = 1500, 16, 4
 
 Row = dict  # {"arrival_s", "input_len", "output_len", optional extras}
@@ -52,22 +64,69 @@ def sharegpt(src: Path) -> list[Row]:
     return [_req(float(r["arrival_s"]), int(r["input_len"]), int(r["output_len"])) for r in rows]
 
 
+def _lognormal_sizes(n: int, mean: float, top: float) -> list[float]:
+    """n deterministic lognormal sizes (the quantiles at (i + 0.5) / n) whose mean is `mean`
+    and whose largest is `top`: sigma solved by bisection on top / mean."""
+    zs = [NormalDist().inv_cdf((i + 0.5) / n) for i in range(n)]
+
+    def ratio(sigma: float) -> float:
+        return math.exp(sigma * zs[-1]) / (sum(math.exp(sigma * z) for z in zs) / n)
+
+    lo, hi = 0.0, 5.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ratio(mid) < top / mean else (lo, mid)
+    sigma = (lo + hi) / 2
+    scale = top / math.exp(sigma * zs[-1])
+    return [scale * math.exp(sigma * z) for z in zs]
+
+
 def leval(src: Path) -> list[Row]:
+    """Measured rows as they are; the 272 rows without documents (``NA``: narrative_qa, codeU)
+    keep their measured instruction and output lengths and get a **synthesized** document
+    length (``"synthetic": true``), see ``LEVAL_NARRATIVE`` and ``LEVAL_CODEU``."""
     rows = _csv(src / "leval" / "leval_lengths_llama2.csv")
-    return [_req(0.0, int(r["input_len"]), int(r["output_len"]))
-            for r in rows if r["input_len"] != "NA"]
+    out: list[Row] = []
+    narrative = [r for r in rows if r["task"] == "narrative_qa" and r["input_len"] == "NA"]
+    codeu = [r for r in rows if r["task"] == "codeU" and r["input_len"] == "NA"]
+    # narrative_qa: 20 documents, instructions split over them in file order; the longest
+    # document makes the longest request exactly LEVAL_MAX (the paper's 210.5K)
+    ndocs, mean_words, tokens_per_word = LEVAL_NARRATIVE
+    bounds = [round(i * len(narrative) / ndocs) for i in range(ndocs + 1)]
+    groups = [narrative[a:b] for a, b in zip(bounds, bounds[1:])]
+    order = list(range(ndocs))
+    random.Random(3).shuffle(order)  # which document gets which size
+    longest = order.index(ndocs - 1)
+    top = LEVAL_MAX - max(int(r["instr_tokens"]) for r in groups[longest])
+    sizes = _lognormal_sizes(ndocs, mean_words * tokens_per_word, top)
+    doc_of: dict[int, int] = {}
+    for g, members in enumerate(groups):
+        for r in members:
+            doc_of[id(r)] = round(sizes[order[g]])
+    lo, hi = LEVAL_CODEU
+    rng = random.Random(4)
+    for r in codeu:
+        doc_of[id(r)] = round(rng.uniform(lo, hi))
+    for r in rows:
+        if r["input_len"] != "NA":
+            out.append(_req(0.0, int(r["input_len"]), int(r["output_len"])))
+        elif id(r) in doc_of:
+            out.append(_req(0.0, doc_of[id(r)] + int(r["instr_tokens"]), int(r["output_len"]), synthetic=True))
+    return out
 
 
 def lveval(src: Path) -> list[Row]:
-    """Synthesized: input = nominal_words * 1.28 * U(0.75, 1.5), clipped to [15.1K, 497.3K];
-    output = U{5..60}; num_requests per (subset, level) row; then shuffled (seed 2)."""
+    """Synthesized: input = nominal_words x factor x 1.28 tokens/word, factor ~ triangular on
+    [LVEVAL_FACTOR] (LV-Eval's published min, mean and max words over nominal), clipped to
+    [15.1K, 497.3K]; output = U{5..60}; num_requests per (subset, level) row; then shuffled."""
+    low, mode, high = LVEVAL_FACTOR
     rng = random.Random(1)
     out: list[Row] = []
     for r in _csv(src / "lveval" / "lveval_en_composition.csv"):
         words = int(r["nominal_words"])
         for _ in range(int(r["num_requests"])):
-            inp = round(words * 1.28 * rng.uniform(0.75, 1.5))
-            out.append(_req(0.0, min(max(inp, 15_100), 497_300), rng.randint(5, 60),
+            inp = round(words * LVEVAL_TOKENS_PER_WORD * rng.triangular(low, high, mode))
+            out.append(_req(0.0, min(max(inp, LVEVAL_RANGE[0]), LVEVAL_RANGE[1]), rng.randint(5, 60),
                             synthetic=True))
     random.Random(2).shuffle(out)
     return out
@@ -89,26 +148,33 @@ def mixed(parts: dict[str, list[Row]]) -> list[Row]:
               if r["input_len"] >= MIX_MIN_IN and r["output_len"] >= MIX_MIN_OUT]
         pick = (rng.sample(ok, MIX_PER_SOURCE) if len(ok) >= MIX_PER_SOURCE
                 else rng.choices(ok, k=MIX_PER_SOURCE))
-        extra = {"synthetic": True} if name == "lveval" else {}
-        out += [_req(0.0, r["input_len"], r["output_len"], source=name, **extra) for r in pick]
+        out += [_req(0.0, r["input_len"], r["output_len"], source=name,
+                     **({"synthetic": True} if r.get("synthetic") else {})) for r in pick]
     rng.shuffle(out)
     return out
 
 
-def zipf(alpha: float, seed: int) -> list[Row]:
-    """Binned Zipf: bin k in 1..200 with P(k) ∝ k^-alpha, input uniform in ((k-1)*1000, k*1000],
-    so the support is 1..200,000 tokens; output uniform in {4..512}."""
-    w = [k ** -alpha for k in range(1, ZIPF_BINS + 1)]
-    cdf, acc = [], 0.0
-    for x in w:
-        acc += x
-        cdf.append(acc / sum(w))
-    rng = random.Random(seed)
+def zipf(alpha: float, pool: list[Row], n: int = ZIPF_N) -> list[Row]:
+    """LoongServe's Zipf mix (`4-mix-dataset-zipf.py`): after `random.seed(0)`, n target
+    lengths from `random.choices(range(10, 200000), weights=1/x**alpha)`; each becomes a
+    `random.choice` among the pooled ShareGPT, L-Eval and LV-Eval requests of the nearest
+    available prompt length (ties to the shorter). Rows keep `"source"`, and `"synthetic"`
+    when the picked request is."""
+    rng = random.Random(0)
+    by_len: dict[int, list[Row]] = {}
+    for r in pool:
+        by_len.setdefault(r["input_len"], []).append(r)
+    avail = sorted(by_len)
+    lens = range(ZIPF_RANGE[0], ZIPF_RANGE[1])
+    targets = rng.choices(lens, weights=[1 / x ** alpha for x in lens], k=n)
     out = []
-    for _ in range(ZIPF_N):
-        k = min(bisect.bisect_right(cdf, rng.random()), ZIPF_BINS - 1) + 1
-        out.append(_req(0.0, rng.randint((k - 1) * ZIPF_BIN + 1, k * ZIPF_BIN),
-                        rng.randint(*ZIPF_OUT)))
+    for t in targets:
+        i = bisect.bisect_left(avail, t)
+        near = [avail[j] for j in (i - 1, i) if 0 <= j < len(avail)]
+        length = min(near, key=lambda x: (abs(x - t), x))
+        r = rng.choice(by_len[length])
+        extra = {"source": r["source"]} | ({"synthetic": True} if r.get("synthetic") else {})
+        out.append(_req(0.0, r["input_len"], r["output_len"], **extra))
     return out
 
 
@@ -147,8 +213,9 @@ def build_all(src: Path) -> dict[str, list[Row]]:
     d: dict[str, list[Row]] = {"sharegpt": sharegpt(src), "leval": leval(src),
                                "lveval": lveval(src), "longbench-v2": longbench_v2(src)}
     d["mixed"] = mixed(d)
-    for i, a in enumerate((1.0, 1.2, 1.4)):
-        d[f"zipf-{a}"] = zipf(a, seed=100 + i)
+    pool = [r | {"source": name} for name in ("sharegpt", "leval", "lveval") for r in d[name]]
+    for a in ZIPF_ALPHAS:
+        d[f"zipf-{a}"] = zipf(a, pool)
     d["mooncake-conversation"] = mooncake(src, "conversation")
     d["mooncake-synthetic"] = mooncake(src, "synthetic")
     d["azure-code"] = azure(src, "code")
@@ -177,13 +244,25 @@ INFO = {  # name: (source folder, license, how built, synthesized?)
                  "Poisson arrival times (1 req/s run)."), "no"),
     "leval": ("leval/", "GPL-3.0 (OpenLMLab/LEval repo); documents from many upstream datasets",
               ("Measured L-Eval lengths (Llama-2 tokenizer, LoongServe's recipe: document + instruction "
-              "-> reference output). The 272 codeU/narrative_qa rows without documents (input NA) "
-              "are skipped, so the 100K+ tail of the paper (max 210.5K) is missing."), "no"),
+              "-> reference output) for the 2,074 rows with documents. The 272 rows whose documents are "
+              "not in the source (codeU 90, narrative_qa 182: input NA) keep their measured instruction "
+              "and output lengths and get a **synthesized** document length, marked `\"synthetic\": true`: "
+              f"narrative_qa's 182 instructions are split in file order over {LEVAL_NARRATIVE[0]} documents "
+              f"whose sizes are the lognormal quantiles with mean {LEVAL_NARRATIVE[1]:,} words x "
+              f"{LEVAL_NARRATIVE[2]} tokens/word (the OpenLMLab/LEval README's average and rule of thumb) "
+              f"and whose longest request is {LEVAL_MAX:,} tokens (the paper's 210.5K), assigned to "
+              "documents by `random.Random(3)`; each codeU request gets a document of "
+              f"U({LEVAL_CODEU[0]:,}, {LEVAL_CODEU[1]:,}) tokens (`random.Random(4)`; LongCodeU, "
+              "arXiv 2503.04359, gives L-Eval's longest code input as 36.5K). Range 2,749-210,500 "
+              "(the paper: 2.7K-210.5K)."), "272 rows (narrative_qa, codeU documents)"),
     "lveval": ("lveval/", "MIT (infinigence/LVEval repo; data carries CC notes)",
                ("**Synthesized** from the composition only: for each (subset, level) row, num_requests "
-               "requests with input = round(nominal_words x 1.28 x U(0.75, 1.5)) clipped to "
-               "[15,100, 497,300] and output = U{5..60} (the source README's recipe; "
-               "`random.Random(1)`), then shuffled (`random.Random(2)`). Every line has "
+               f"requests with input = round(nominal_words x {LVEVAL_TOKENS_PER_WORD} x f) clipped to "
+               f"[{LVEVAL_RANGE[0]:,}, {LVEVAL_RANGE[1]:,}] (the paper's 15.1K-497.3K), f ~ triangular("
+               f"{LVEVAL_FACTOR[0]:.4f}, mode {LVEVAL_FACTOR[1]:.4f}, {LVEVAL_FACTOR[2]:.4f}): the min, mean "
+               "and max of f are LV-Eval's published 11,896 / 102,380 / 387,406 words over the nominal "
+               "16K / 99.2K (mean level) / 256K words (LV-Eval README); output = U{5..60} "
+               "(`random.Random(1)`), then shuffled (`random.Random(2)`). Every line has "
                "`\"synthetic\": true`."), "**yes**"),
     "longbench-v2": ("longbench-v2/", "MIT (itsnamgyu/longbench2_md, THUDM/LongBench)",
                      (f"input = context_tokens + question_tokens (Llama-2 tokenizer); the 23 rows with NA "
@@ -193,16 +272,17 @@ INFO = {  # name: (source folder, license, how built, synthesized?)
     "mixed": ("(sharegpt, leval, lveval above)", "as its sources",
               ("LoongServe's Mixed: for sharegpt, leval, lveval in that order keep prompt >= 16 and "
               "output >= 4, then after `random.seed(0)` draw 1,500 each with `random.sample`, or with "
-              "`random.choices` (with replacement) when fewer than 1,500 are eligible: sharegpt has "
-              "970 eligible and leval 1,495, so both are sampled **with replacement**; lveval (4,115) "
-              "without. Then `random.shuffle`. Lines carry `\"source\"`; lveval rows also "
-              "`\"synthetic\": true`."), "1/3 (lveval rows)"),
-    "zipf": ("(generated)", "project (Apache-2.0)",
-             (f"{ZIPF_N} requests. Binned Zipf: bin k in 1..{ZIPF_BINS} with P(k) ∝ k^-alpha, input "
-             f"uniform in ((k-1)*{ZIPF_BIN}, k*{ZIPF_BIN}], so the support is 1..200,000 tokens and "
-             f"P(L) ∝ ceil(L/1000)^-alpha; output uniform in {{{ZIPF_OUT[0]}..{ZIPF_OUT[1]}}}. "
-             "Seeds `random.Random(100/101/102)`. Why 1K bins: a plain Zipf over 1..200,000 tokens "
-              "puts the median at about 14 tokens for alpha 1.2 and 3 for 1.4, no long-context workload."), "**yes**"),
+              "`random.choices` (with replacement) when fewer than 1,500 are eligible (sharegpt has "
+              "970 eligible, so it is sampled **with replacement**). Then `random.shuffle`. Lines carry "
+              "`\"source\"`; rows drawn from synthesized lengths also `\"synthetic\": true`."),
+              "lveval rows and synthesized leval rows"),
+    "zipf": ("(sharegpt, leval, lveval above)", "as its sources",
+             (f"{ZIPF_N:,} requests (LoongServe used 20,000), LoongServe's `4-mix-dataset-zipf.py` recipe: "
+             "after `random.seed(0)`, target prompt lengths from `random.choices(range(10, 200000), "
+             "weights=1/x**alpha)`; each target becomes a `random.choice` among the pooled sharegpt, "
+             "leval and lveval requests of the nearest available prompt length (ties to the shorter), "
+             "keeping that request's output length. Lines carry `\"source\"`, and `\"synthetic\": "
+             "true` when the picked request is synthesized."), "picked synthesized rows"),
     "mooncake-conversation": ("mooncake-fast25/conversation_trace.jsonl", "Apache-2.0 (kvcache-ai/Mooncake)",
                               ("Real Kimi arrivals: timestamp ms -> s relative to the first; "
                               "input_length/output_length. **First 10 minutes only** (of about 1 h). "
@@ -245,6 +325,9 @@ def readme(data: dict[str, list[Row]]) -> str:
     for name, rows in data.items():
         s = stats(rows)
         syn = INFO["zipf" if name.startswith("zipf") else name][3]
+        marked = sum(1 for r in rows if r.get("synthetic"))
+        if 0 < marked < len(rows):
+            syn = f"{marked} rows"
         lines.append(f"| `{name}` | {s['requests']} | {s['in_median']} | {s['in_p99']} | {s['in_max']} "
                      f"| {s['out_median']} | {s['out_max']} | {s['duration_s']:.3f} | {syn} |")
     lines += ["", "## Datasets", ""]
@@ -261,7 +344,10 @@ def readme(data: dict[str, list[Row]]) -> str:
         "- Production traces (`mooncake-*`, `azure-*`) are cut to their first 10 minutes to keep this",
         "  folder small (well under 2 MB in total); the full files are in `../shared/traces/`.",
         "- Token counts use the Llama-2/LWM vocabulary, except the production traces (providers' own).",
-        "- `lveval` and `zipf-*` are **synthesized** lengths; treat results on them as approximate.",
+        "- `lveval` and 272 `leval` rows are **synthesized** lengths, and so are the `mixed` and `zipf-*`",
+        "  rows drawn from them (each marked `\"synthetic\": true`); treat results on them as approximate.",
+        "- Ranges against LoongServe's (tokens): sharegpt 6-2,238 (4-2.3K), leval 2,749-210,500",
+        "  (2.7K-210.5K), lveval 15.1K-497.3K by construction, zipf-* 10-200K.",
         "",
     ]
     return "\n".join(lines)

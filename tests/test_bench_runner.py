@@ -11,7 +11,7 @@ import time
 import pytest
 from aiohttp import web
 from esp.cli.bench.client import CompletionsClient
-from esp.cli.bench.metrics import SLO, summarize
+from esp.cli.bench.metrics import SLO, RequestRecord, summarize
 from esp.cli.bench.runner import prompt_ids, replay
 from esp.cli.bench.workload import TraceRequest
 
@@ -110,7 +110,7 @@ async def test_client_counts_chunks_usage_and_turns_errors_into_messages():
     (["--dataset", "sharegpt", "--rate", "0"], "rates must be positive"),
     (["--dataset", "sharegpt", "--rates", "1,x"], "comma-separated numbers"),
     (["--dataset", "sharegpt", "--plot", "x.png"], "--plot needs --rate"),
-    (["--rate", "1"], "one of the arguments --trace --dataset is required"),
+    (["--rate", "1"], "one of the arguments --trace --dataset --suite is required"),
     (["--dataset", "sharegpt", "--url", "http://127.0.0.1:9"], "cannot reach http://127.0.0.1:9"),
 ])
 def test_bench_bad_flags_give_one_line_and_exit_2(args, message, tmp_path):
@@ -191,6 +191,12 @@ def test_bench_sim_sweeps_policies_and_rates_on_the_virtual_clock(tmp_path):
         assert all(s["completed"] == 20 for s in data["results"][policy].values())
         assert data["sweep"][policy]["rates"] == [2.0, 8.0]
         assert f"capacity {policy}" in stdout
+        # per-request records: anyone can recompute any metric from them
+        for summary in data["results"][policy].values():
+            recs = [RequestRecord.from_dict(r) for r in summary["records"]]
+            assert len(recs) == 20 and all(r.completed for r in recs)
+            assert summarize(recs, summary["duration_s"], SLO())["e2e_s"]["mean"] == \
+                pytest.approx(summary["e2e_s"]["mean"], rel=1e-4)
     assert (tmp_path / "sim.png").stat().st_size > 0
 
 

@@ -10,6 +10,7 @@ import pytest
 from esp.engine import EngineConfig, SamplingParams
 from esp.engine.engine import Engine
 from esp.engine.protocol import MixedBatch
+from esp.engine.request import Status
 from esp.engine.scheduler import Scheduler
 from esp.policies import Batch, Dispatch, PolicyOptions, load_policy_set
 from esp.policies.chunked import ChunkedBatching, ChunkedScheduling
@@ -139,3 +140,21 @@ def test_mixed_steps_give_solo_tokens_and_decode_keeps_going_during_a_chunked_pr
     first_long = next(i for i, (n, _) in enumerate(log) if n == "l")
     # 900 prompt tokens in 127-token chunks take 8 steps; the short request decodes in each.
     assert sum(1 for n, _ in log[:first_long] if n == "s") >= 6
+
+
+def test_a_chunk_that_ends_one_token_before_the_prompt_leaves_the_request_waiting():
+    """Chunks of 2 over a 5-token prompt: the second ends at 4, one token short, so the request
+    still waits for its last chunk (it holds 4 = its length - 1 KV tokens, like a request whose
+    prompt is done): it is not decoded before its prompt is."""
+    s = Scheduler(chunked(2), [64])
+    req = make_request(1, 5, max_tokens=3)
+    s.add(req)
+    steps = []
+    for _ in range(2):
+        (step,), _ = s.schedule()
+        steps.append(step)
+        s.complete(step.step_id, sampled_by(step))
+    assert req.num_kv == 4 and req.status is Status.WAITING and not req.output_ids
+    steps += run_until_idle(s)
+    assert [[(q.start, len(q.token_ids)) for q in st.seqs] for st in steps[:3]] == [[(0, 2)], [(2, 2)], [(4, 1)]]
+    assert req.finish_reason == "length" and req.output_ids == [5, 5, 5] and s.free_slots() == [64]

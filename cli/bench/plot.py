@@ -55,3 +55,43 @@ def plot_sweep(results: dict[str, dict[float, dict]], out_png: str, title: str =
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
     return out_png
+
+
+def plot_paper(curves: dict[str, dict[str, list[tuple[float, dict[str, float | None]]]]],
+               limits: dict[str, dict[str, tuple[float, bool]]], out_png: str, title: str = "") -> str:
+    """LoongServe's Fig. 10 / 12 layout: one row per dataset, one panel per metric, each metric
+    divided by its SLO (1.0 is the SLO line; for attainment, share of the 90% target), one line per
+    system. ``curves[dataset][system]`` = [(rate, {metric: value})]; ``limits[dataset][metric]`` =
+    (threshold, higher_is_better). Returns ``out_png``."""
+    Figure, FigureCanvasAgg = _require_matplotlib()
+    rows = list(curves)
+    metrics = max((list(limits[d]) for d in rows), key=len)
+    fig = Figure(figsize=(4.2 * len(metrics), 3.2 * len(rows)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(rows), len(metrics), squeeze=False)
+    for i, d in enumerate(rows):
+        for j, m in enumerate(metrics):
+            ax = axes[i][j]
+            if m not in limits[d]:
+                ax.set_visible(False)
+                continue
+            thr, _ = limits[d][m]
+            for system, pts in curves[d].items():
+                xs = [r for r, v in pts if v.get(m) is not None]
+                ys = [min(v[m] / thr, 5.0) for r, v in pts if v.get(m) is not None]
+                ax.plot(xs, ys, marker="o", markersize=3, label=system)
+            ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+            ax.set_ylim(0, 1.6)
+            ax.set_xlim(left=0)
+            ax.set_title(f"{d}: {m}", fontsize="small")
+            ax.grid(True, alpha=0.3)
+            if i == len(rows) - 1:
+                ax.set_xlabel("request rate (req/s)")
+            if j == 0:
+                ax.set_ylabel("value / SLO")
+    axes[0][0].legend(fontsize="x-small")
+    if title:
+        fig.suptitle(title, fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    return out_png

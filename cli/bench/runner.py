@@ -31,6 +31,10 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--trace", help="JSONL trace file")
     src.add_argument("--dataset", help="shipped dataset name")
+    src.add_argument("--suite", choices=("paper-fig10", "paper-fig12", "paper-fig13", "paper-all"),
+                     help="LoongServe's evaluation in the simulator, each system in the paper's configuration, "
+                          "with the paper's metrics and numbers (esp.cli.bench.paper; other bench flags but "
+                          "--json and --seed are ignored)")
     g.add_argument("--num-requests", type=positive_int, default=200)
     rates = g.add_mutually_exclusive_group()
     rates.add_argument("--rate", type=float, help="requests/s (omitted: replay the trace's timestamps)")
@@ -47,6 +51,8 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--json", dest="json_out", metavar="OUT", help="write config, results and sweep as JSON")
     g.add_argument("--plot", metavar="OUT.png", help="plot attainment and latency against rate")
     g.add_argument("--no-progress", action="store_true")
+    from esp.cli.bench.paper import add_suite_flags
+    add_suite_flags(p.add_argument_group("--suite"))
 
 
 def parse_rates(args: argparse.Namespace) -> list[float | None]:
@@ -141,23 +147,45 @@ def _slo(args: argparse.Namespace, cost) -> SLO:
     return SLO(args.slo_ttft_scale, args.slo_ttft_floor, args.slo_tpot, predict)
 
 
-async def _run_one(args, label: str, rate: float | None, workload, vocab: int, send: Sender, slo: SLO) -> dict:
-    if args.backend == "sim" and not args.url:
+def _prompts(workload: list[TraceRequest], seed: int, vocab: int, synthetic: bool) -> list:
+    if synthetic:
         from esp.engine.sim import SyntheticPrompt
-        prompts = [SyntheticPrompt(r.input_len) for r in workload]
-    else:
-        prompts = [prompt_ids(args.seed, i, r.input_len, vocab) for i, r in enumerate(workload)]
-    bar = _progress(len(workload), f"{label} @ {rate if rate is not None else 'trace'}", not args.no_progress)
+        return [SyntheticPrompt(r.input_len) for r in workload]
+    return [prompt_ids(seed, i, r.input_len, vocab) for i, r in enumerate(workload)]
+
+
+async def _replay_with_bar(workload, prompts, send: Sender, desc: str, progress: bool):
+    bar = _progress(len(workload), desc, progress)
     try:
-        records, duration = await replay(workload, prompts, send, bar.update if bar else None)
+        return await replay(workload, prompts, send, bar.update if bar else None)
     finally:
         if bar is not None:
             bar.close()
-    return summarize(records, duration, slo)
+
+
+async def _run_one(args, label: str, rate: float | None, workload, vocab: int, send: Sender, slo: SLO) -> dict:
+    prompts = _prompts(workload, args.seed, vocab, args.backend == "sim" and not args.url)
+    records, duration = await _replay_with_bar(workload, prompts, send,
+                                               f"{label} @ {rate if rate is not None else 'trace'}",
+                                               not args.no_progress)
+    return summarize(records, duration, slo) | {"records": [r.to_dict() for r in records]}
+
+
+async def engine_records(cfg, workload: list[TraceRequest], seed: int = 0, label: str = "",
+                         progress: bool = False) -> tuple[list[RequestRecord], float, object]:
+    """Replay ``workload`` on a fresh in-process engine built from ``cfg`` (real or simulated: run
+    it under :func:`esp.engine.sim.run_virtual` for ``backend="sim"``). Returns the records, the
+    run's duration and the engine's cost model."""
+    from esp.engine.engine import Engine
+    async with Engine(cfg) as engine:
+        vocab = engine.model_config.vocab_size
+        vocab = min(vocab, getattr(engine.tokenizer, "vocab_size", None) or vocab)
+        prompts = _prompts(workload, seed, vocab, cfg.backend == "sim")
+        records, duration = await _replay_with_bar(workload, prompts, engine_sender(engine), label, progress)
+        return records, duration, engine.cost_model
 
 
 async def bench_engine(args: argparse.Namespace, policies: list[str], rates: list[float | None]) -> dict:
-    from esp.engine.engine import Engine
     from esp.engine.model_config import ModelConfig
 
     base = dataclasses.replace(engine_config(args), max_waiting_requests=None, max_waiting_tokens=sys.maxsize)
@@ -171,20 +199,19 @@ async def bench_engine(args: argparse.Namespace, policies: list[str], rates: lis
         cfg = dataclasses.replace(base, policy=policy)
         results[policy] = {}
         for rate, workload in workloads.items():
-            async with Engine(cfg) as engine:
-                cost = _cost(args, engine)
-                vocab = engine.model_config.vocab_size
-                vocab = min(vocab, getattr(engine.tokenizer, "vocab_size", None) or vocab)
-                summary = await _run_one(args, policy, rate, workload, vocab, engine_sender(engine), _slo(args, cost))
-            results[policy]["trace" if rate is None else rate] = summary
+            records, duration, cost = await engine_records(
+                cfg, workload, args.seed, f"{policy} @ {rate if rate is not None else 'trace'}", not args.no_progress)
+            slo = _slo(args, _cost(args) if args.profile else cost)
+            results[policy]["trace" if rate is None else rate] = summarize(records, duration, slo) | {
+                "records": [r.to_dict() for r in records]}
     return results
 
 
-def _cost(args: argparse.Namespace, engine=None):
+def _cost(args: argparse.Namespace):
     if args.profile:
         from esp.policies.presets import load_profile
         return load_profile(args.profile)
-    return engine.default_cost_model() if engine is not None else None
+    return None
 
 
 async def bench_url(args: argparse.Namespace, rates: list[float | None]) -> dict:
@@ -228,6 +255,14 @@ def print_table(results: dict, sweep: dict, out=sys.stdout) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.suite:
+        from esp.cli.bench.paper import FIGURES, run_suite
+        name = args.suite.removeprefix("paper-")
+        figures = list(FIGURES) if name == "all" else [name]
+        command = f"esp-run bench --suite {args.suite}" + " --quick" * args.quick
+        run_suite(figures, args, command,
+                  log=None if args.no_progress else (lambda s: print(s, file=sys.stderr, flush=True)))
+        return 0
     rates = parse_rates(args)
     policies = [p.strip() for p in (args.policies or args.policy).split(",") if p.strip()]
     if not policies:
