@@ -177,6 +177,8 @@ class Worker:
         """The leader (tp rank 0 of the group's first instance) ends the round when the main
         process asked it to (`EndRound`) or sent anything else; it tells every other process
         of the group, who follow its word."""
+        if len(msg.group) == 1 and self.comm.tp == 1:  # a lone process needs no flag on the wire
+            return not self._end_requested(msg.step_id)
         flag = torch.zeros(1, dtype=torch.int64, device=self.device)  # NCCL sends device tensors only
         comm, leader = self.comm, self.comm.process(msg.group[0], 0)
         if comm.process(self.rank) == leader:
