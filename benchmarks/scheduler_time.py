@@ -25,7 +25,7 @@ import time
 
 from esp.cli.bench.workload import load_dataset, make_workload
 from esp.costs.presets import load_profile
-from esp.engine.protocol import DecodeBatch, MixedBatch
+from esp.engine.protocol import DecodeBatch, MixedBatch, PrefillBatch
 from esp.engine.request import Request
 from esp.engine.sampling_params import SamplingParams
 from esp.engine.scheduler import Scheduler
@@ -100,14 +100,14 @@ def measure(args, dataset: str, cost) -> dict:
         dt, steps = timed(sched)
         cold.append(dt)
         parts["cold"].append((dt, dict(watch.ms)))
-        dispatched = sum(len(s.seqs) for s in steps if not isinstance(s, DecodeBatch))
+        dispatched = sum(len(s.seqs) for s in steps if isinstance(s, (PrefillBatch, MixedBatch)))
         for step in steps:
             sched.complete(step.step_id, sampled(step))
         watch.ms.clear()
         dt, steps = timed(sched)
         steady.append(dt)
         parts["steady"].append((dt, dict(watch.ms)))
-        steady_dispatched = sum(len(s.seqs) for s in steps if not isinstance(s, DecodeBatch))
+        steady_dispatched = sum(len(s.seqs) for s in steps if isinstance(s, (PrefillBatch, MixedBatch)))
 
     def ms(xs, phase):
         fastest = min(parts[phase], key=lambda p: p[0])[1]

@@ -57,6 +57,18 @@ def count_or_none(text: str) -> int | None:
     return value
 
 
+def policy_option(text: str) -> tuple[str, object]:
+    """`KEY=VALUE`; the value is read as JSON when it parses (numbers, true/false, null), else
+    kept as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"must be KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except ValueError:
+        return key.strip(), value
+
+
 def on_off(text: str) -> bool:
     value = text.strip().lower()
     if value not in ("on", "off", "true", "false", "1", "0", "yes", "no"):
@@ -84,6 +96,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-tokens-per-instance", type=positive_int, help="KV pool size (default: from free memory)")
     g.add_argument("--threads-per-instance", type=positive_int,
                    help="CPU threads per worker process (default: cores / (instances x tp))")
+    g.add_argument("--policy-option", type=policy_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the bundle's policies (repeatable), e.g. loong's max_prefill_s=2.5, "
+                        "order=fcfs, preempt=always, tpot_target_s=0.1, consolidate=false, scale_up=false")
     g.add_argument("--max-prefill-tokens", type=positive_int, default=16384)
     g.add_argument("--max-batch-size", type=positive_int, default=256)
     g.add_argument("--prefill-instances", type=positive_int, help="disagg: instances that only prefill")
@@ -103,8 +118,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    options = {k: getattr(args, k) for k in ("prefill_instances", "decode_instances") if getattr(args, k)}
-    if sum(options.values()) > args.instances:
+    split = {k: getattr(args, k) for k in ("prefill_instances", "decode_instances") if getattr(args, k)}
+    options = dict(args.policy_option) | split
+    if sum(split.values()) > args.instances:
         raise CLIError(f"--prefill-instances plus --decode-instances exceed --instances {args.instances}")
     return EngineConfig(
         model=args.model, instances=args.instances, tp=args.tp, device=args.device, dtype=args.dtype,

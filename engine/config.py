@@ -43,7 +43,9 @@ class EngineConfig:
     `max_waiting_requests` / `max_waiting_tokens` bound the waiting queue (a full queue refuses
     new requests with `Overloaded`): None means unbounded requests, and for tokens 4x the
     cluster's KV slots. `max_restarts`: attempts to restart failed workers before the engine is
-    down. `log_requests`: one INFO line per finished request on the `esp.requests` logger."""
+    down. `log_requests`: one INFO line per finished request on the `esp.requests` logger.
+    `charge_scheduler` (simulator): each step starts after the wall time its `schedule()` took,
+    so the virtual clock pays for the scheduler as a real engine does."""
 
     model: str | None = None
     instances: int = 1
@@ -66,6 +68,7 @@ class EngineConfig:
     max_waiting_tokens: int | None = None
     max_restarts: int = 3
     log_requests: bool = True
+    charge_scheduler: bool = False
 
     def __post_init__(self) -> None:
         if self.instances < 1:
@@ -88,6 +91,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be positive")
+        if self.charge_scheduler and self.backend != "sim":
+            raise ValueError("charge-scheduler needs the sim backend (a real engine's steps already wait for it)")
         if self.max_restarts < 0:
             raise ValueError("max-restarts must be at least 0")
 

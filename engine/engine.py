@@ -3,6 +3,7 @@ schedule -> execute -> update, each group's step as its own task (DESIGN 3, 5)."
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 import logging
 import random
@@ -22,9 +23,10 @@ from esp.engine.protocol import MigrateKV, MixedBatch, PrefillBatch, Step
 from esp.engine.request import Request
 from esp.engine.sampling_params import SamplingParams
 from esp.engine.scheduler import Scheduler
+from esp.engine.slo import LatencySLO
 from esp.engine.sim import SyntheticPrompt
 from esp.engine.generation_defaults import defaults_of
-from esp.engine.status import EngineStats, Health
+from esp.engine.status import SCHEDULE_BUCKETS, EngineStats, Health
 from esp.policies import PolicyOptions, PolicySet, load_policy_set
 from esp.costs.cost_model import CostModel
 from esp.costs.presets import load_profile
@@ -93,6 +95,7 @@ class Engine:
         self._start_s = 30.0
         self._restarts = self._overloaded = 0
         self._schedule_s = 0.0
+        self._schedule_hist = [0] * (len(SCHEDULE_BUCKETS) + 1)
         self.step_stats: deque[StepStat] = deque(maxlen=10000)
 
     @property
@@ -211,16 +214,19 @@ class Engine:
         return EngineStats(len(s.requests) - waiting, waiting, s.waiting.tokens,
                            tuple(a.num_slots for a in s.allocators), tuple(a.num_free for a in s.allocators),
                            self._restarts, s.recomputed_total, self._overloaded,
-                           self._schedule_s)
+                           self._schedule_s, tuple(self._schedule_hist))
 
     # -- requests -----------------------------------------------------------------------
     async def generate(self, prompt: str | list[int] | EncodedPrompt, params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream outputs until the request finishes. The first step raises `InvalidRequest`,
-        `Overloaded` or `EngineUnavailable`; closing the iterator early aborts the request."""
+                       request_id: str | None = None, slo: LatencySLO | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream outputs until the request finishes. `slo`: the client's latency targets (the
+        scheduler may use them; the last output reports them in `esp["slo"]`). The first step
+        raises `InvalidRequest`, `Overloaded` or `EngineUnavailable`; closing the iterator early
+        aborts the request."""
         params = params or defaults_of(self.tokenizer).sampling_params()
         ids = prompt.ids if isinstance(prompt, EncodedPrompt) else (await self.encode(prompt)).ids
         req = self._admit(ids, params, request_id)
+        req.slo = slo
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[req.id] = queue
         self._ids[req.external_id] = req.id
@@ -329,15 +335,21 @@ class Engine:
             return
         t0 = time.perf_counter()
         steps, failed = self.scheduler.schedule()
-        self._schedule_s += time.perf_counter() - t0
+        spent = time.perf_counter() - t0
+        self._schedule_s += spent
+        self._schedule_hist[bisect.bisect_left(SCHEDULE_BUCKETS, spent)] += 1
+        delay = spent if self.config.charge_scheduler else 0.0
         for step in steps:
-            task = asyncio.create_task(self._execute(step))
+            task = asyncio.create_task(self._execute(step, delay))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         self._deliver(failed)
 
-    async def _execute(self, step: Step) -> None:
+    async def _execute(self, step: Step, delay: float = 0.0) -> None:
+        """Run a step; `delay`: the scheduler's planning time, charged on a simulated clock."""
         clock = asyncio.get_running_loop().time
+        if delay:
+            await asyncio.sleep(delay)
         t0 = clock()
         try:
             result = await self.backend.run(step)

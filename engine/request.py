@@ -18,6 +18,7 @@ from typing import Callable
 
 from esp.engine.outputs import RequestOutput, Timing
 from esp.engine.sampling_params import SamplingParams
+from esp.engine.slo import LatencySLO
 
 
 class Status(enum.Enum):
@@ -65,6 +66,7 @@ class Request:
     detokenizer: object
     clock: Callable[[], float] = field(default=time.monotonic, repr=False, compare=False)
     arrival: float | None = None
+    slo: LatencySLO | None = None
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     status: Status = Status.WAITING
@@ -206,7 +208,11 @@ class Request:
             request_id=self.external_id, new_token_ids=new_ids, new_text=new_text,
             token_ids=list(self.output_ids), text=self.text[:upto], prompt_tokens=len(self.prompt_ids),
             finish_reason=self.finish_reason, error=self.error, timing=self.timing(),
-            esp=self.esp.summary(self.recomputed) if self.finish_reason else {})
+            esp=self._esp_summary() if self.finish_reason else {})
+
+    def _esp_summary(self) -> dict:
+        summary = self.esp.summary(self.recomputed)
+        return summary | {"slo": self.slo.report(self.timing())} if self.slo else summary
 
     def timing(self) -> Timing:
         ttft = self.first_token_at - self.arrival if self.first_token_at else None

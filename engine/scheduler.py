@@ -165,8 +165,10 @@ class Scheduler:
         if cached is not None and cached[0] == r.version:
             return cached[1]
         prompt = len(r.prompt_ids) + len(r.output_ids) if r.status is Status.WAITING else len(r.prompt_ids)
+        slo = r.slo
         view = RequestView(r.id, r.arrival, prompt, len(r.output_ids), r.params.max_tokens,
-                           MappingProxyType({k: len(v) for k, v in r.placement.items()}))
+                           MappingProxyType({k: len(v) for k, v in r.placement.items()}),
+                           slo and slo.ttft_s, slo and slo.tpot_s, r.first_token_at)
         self._views[r.id] = (r.version, view)
         return view
 

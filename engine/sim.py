@@ -162,6 +162,11 @@ class SyntheticPrompt(Sequence[int]):
         return SyntheticPrompt(self.length + len(other), self.token_id)
 
 
+def _set_result(future: asyncio.Future, value: object) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
 class SimBackend:
     """Stands where `WorkerGroup` stands: `run(step)` sleeps the predicted step time on the
     loop's clock and returns a token for every request the step samples.
@@ -177,7 +182,7 @@ class SimBackend:
         self.dead: str | None = None
         self.on_failure = None
         self.on_tokens = None
-        self._arrival = asyncio.Event()
+        self._rounds: list[asyncio.Future] = []  # rounds in flight, woken by an arrival
 
     @classmethod
     def for_config(cls, config, model, cost: CostModel) -> SimBackend:
@@ -195,8 +200,10 @@ class SimBackend:
         return None
 
     def new_work(self) -> None:
-        self._arrival.set()
-        self._arrival = asyncio.Event()
+        for wake in self._rounds:
+            if not wake.done():
+                wake.set_result(True)
+        self._rounds = []
 
     async def run(self, step: Step) -> StepResult:
         if isinstance(step, DecodeBatch) and step.steps > 1:
@@ -209,12 +216,17 @@ class SimBackend:
         ends = list(accumulate(iteration_times(step, self.cost)))
         loop = asyncio.get_running_loop()
         start = loop.time()
+        wake = loop.create_future()  # True: a request arrived; False: the round ran to its end
+        timer = loop.call_at(start + ends[-1], _set_result, wake, False)
+        self._rounds.append(wake)
         try:
-            await asyncio.wait_for(self._arrival.wait(), timeout=ends[-1])
-        except asyncio.TimeoutError:
+            arrived = await wake
+        finally:
+            timer.cancel()
+        if not arrived:
             done = step.steps
         else:
-            done = bisect_left(ends, loop.time() - start) + 1
+            done = min(step.steps, bisect_left(ends, loop.time() - start) + 1)
             await asyncio.sleep(max(0.0, start + ends[done - 1] - loop.time()))
         return StepResult(step.step_id, dict.fromkeys(sampled_ids(step), [SIM_TOKEN] * done), ends[done - 1], 0.0,
                           iterations=done)

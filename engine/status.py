@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: upper bounds (seconds) of the buckets of `EngineStats.schedule_buckets`; the last counts the rest
+SCHEDULE_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
 
 @dataclass(frozen=True)
 class Health:
@@ -20,7 +23,9 @@ class Health:
 
 @dataclass(frozen=True)
 class EngineStats:
-    """A snapshot: requests by state, KV slots per instance, and counters since start."""
+    """A snapshot: requests by state, KV slots per instance, and counters since start.
+    `schedule_buckets`: how many `schedule()` calls took at most each of `SCHEDULE_BUCKETS`
+    (not cumulative; one more entry for the slower ones)."""
 
     running: int
     waiting: int
@@ -31,3 +36,4 @@ class EngineStats:
     recomputed_requests: int
     rejected_overloaded: int
     schedule_seconds_total: float
+    schedule_buckets: tuple[int, ...] = (0,) * (len(SCHEDULE_BUCKETS) + 1)

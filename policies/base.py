@@ -17,7 +17,9 @@ from esp.costs.cost_model import CostModel
 class RequestView:
     """A request as policies see it. `prompt_len` is what its prefill processes (the prompt,
     plus already generated tokens after a recompute preemption); `kv_tokens` maps rank to
-    KV tokens held there (empty while waiting, unless a chunk of its prompt already ran)."""
+    KV tokens held there (empty while waiting, unless a chunk of its prompt already ran);
+    `ttft_slo_s` / `tpot_slo_s` the client's latency targets (the request's `slo`), if any;
+    `first_token_s` when its first token came (on the view's clock), if it has one."""
 
     request_id: int
     arrival_s: float
@@ -25,6 +27,9 @@ class RequestView:
     output_len: int
     max_tokens: int
     kv_tokens: Mapping[int, int] = field(default_factory=lambda: MappingProxyType({}))
+    ttft_slo_s: float | None = None
+    tpot_slo_s: float | None = None
+    first_token_s: float | None = None
 
     @property
     def context_len(self) -> int:

@@ -1,76 +1,103 @@
-"""The `loong` bundle: elastic sequence parallelism with LoongServe's scheduler (paper section 5).
+"""The `loong` bundle: elastic sequence parallelism with LoongServe's scheduler (paper section 5),
+and what it takes to win beyond the paper (docs/loong.md).
 
-1. dispatch (`LoongScheduling`): FCFS with memory admission on each request's future
-   maximum KV, stopping the prefill batch at the cost model's tipping point, with bounded
-   out-of-order admission;
-2. elastic instance allocation (`allocate_instances`): idle instances that hold no decode
-   KV first; then idle decode instances, most free slots first, while the predicted gain in
-   the batch's normalized input latency beats the predicted cost to the decodes paused there;
-3. batching (`LoongBatching`): the dynamic program of `batching_dp` over length-sorted
-   requests and free-slot-sorted instances;
-4. scaling (`LoongScaling`): keep plans on the fewest instances with room, multi-master
-   decode that scales up onto idle instances on memory pressure (holders full) and on
-   compute pressure (more than `max_batch_per_master` requests on one master).
+1. dispatch (`LoongScheduling`): waiting requests by highest response ratio (or FCFS), memory
+   admission on each request's future maximum KV, the prefill batch stopped at the cost
+   model's tipping point, bounded out-of-order admission;
+2. elastic instance allocation (`first_instances`, `allocate_instances`): idle instances that
+   hold no decode KV first; a decoding one only for memory, or when none other is idle and its
+   decodes tolerate the pause; then more decoding ones while the paper's Eq. 1/2 gain in the
+   batch's normalized input latency beats the cost to the decodes paused there;
+3. batching (`LoongBatching`): the dynamic program of `batching_dp` (paper Eq. 5) over
+   length-sorted requests and free-slot-sorted instances;
+4. scaling (`esp.policies.loong_scaling.LoongScaling`): keep plans, KV spread for decode
+   bandwidth, multi-master decode scale-up, consolidation by migration.
+
+Knobs: `esp.policies.loong_options.LoongOptions`.
 """
 from __future__ import annotations
 
 import math
-from collections import Counter
+
+import numpy as np
 
 from esp.costs.cost_model import CostModel
-from esp.policies.base import Batch, ClusterView, DecodePlan, Dispatch, PolicyOptions, PolicySet, SchedulingPolicy
+from esp.policies.base import Batch, ClusterView, Dispatch, PolicyOptions, PolicySet, RequestView, SchedulingPolicy
 from esp.policies.batching_dp import plan_batches
-from esp.policies.common import first_with_room, spare_instances
-from esp.policies.fcfs import FCFSBatching, GreedyScaling
+from esp.policies.decode_load import DecodeLoad
+from esp.policies.fcfs import FCFSBatching
+from esp.policies.loong_options import LoongOptions
+from esp.policies.loong_scaling import FALLBACK_COST, LoongScaling
 
-FALLBACK_COST = CostModel({1: (1e-3, 1e-4, 1e-8)}, {1: (1e-3, 1e-5, 1e-8)}, 1e-5, 1e9, 1)
+__all__ = ["LoongBatching", "LoongScaling", "LoongScheduling", "allocate_instances", "dispatch_order",
+           "first_instances", "loong"]
 
 
 class LoongScheduling(SchedulingPolicy):
-    """Options (`PolicyOptions.extra`): `max_prefill_s` (the tipping point; default the predicted
-    time of `max_prefill_tokens` on one instance), `lookahead` (how many requests that do not
-    fit a later one may overtake, default 4) and `max_overtaken_s` (a request waiting longer
-    than this is never overtaken, default 10)."""
+    """Steps 1 and 2: which waiting requests prefill now, on which idle instances."""
+
+    def __init__(self, options: PolicyOptions) -> None:
+        super().__init__(options)
+        self.loong = LoongOptions.of(options.extra)
+        self._order = ResponseRatio()
+
+    def _shortest_prefill(self, view: ClusterView, cost: CostModel) -> float:
+        """A lower bound of the prefill time of every request dispatch may start with."""
+        if self.loong.order == "hrrn":
+            return self._order.prepare(view, cost).shortest
+        heads = view.waiting[:self.loong.lookahead + 1]
+        return min(cost.prefill_time([r.remaining_prompt], 1) for r in heads)
+
+    def _urgency(self, view: ClusterView, cost: CostModel) -> float:
+        """The highest response ratio in the queue (of its head, in FCFS order)."""
+        if self.loong.order == "hrrn":
+            return self._order.prepare(view, cost).highest(view.now)
+        head = view.waiting[0]
+        alone = cost.prefill_time([head.remaining_prompt], 1)
+        return (view.now - head.arrival_s + alone) / (head.ttft_slo_s or alone)
+
+    def _slo_urgency(self, view: ClusterView, cost: CostModel) -> float:
+        """The largest share of its TTFT target that a waiting prompt with one will have used
+        when its prefill alone ends, if it starts now (0 when none has a target)."""
+        if self.loong.order == "hrrn":
+            return self._order.prepare(view, cost).highest(view.now, with_target=True)
+        return max(((view.now - r.arrival_s + cost.prefill_time([r.remaining_prompt], 1)) / r.ttft_slo_s
+                    for r in view.waiting[:self.loong.lookahead + 1] if r.ttft_slo_s), default=0.0)
 
     def dispatch(self, view: ClusterView) -> Dispatch:
         if not view.idle or not view.waiting:
             return Dispatch()
-        cost = view.cost_model or FALLBACK_COST
-        extra = self.options.extra
-        holding: set[int] = set()
-        newest: Counter = Counter()  # running requests whose next token lands on each rank
-        future = 0  # KV the running requests may still add
-        for r in view.running:  # one pass (this runs at every scheduling round): r.max_kv_tokens - r.context_len
-            kv = r.kv_tokens
-            if kv:
-                holding.update(kv)
-                newest[next(reversed(kv))] += 1
-            future += r.prompt_len + r.max_tokens - r.output_len - sum(kv.values())
-        free_first = sorted(view.idle - holding, key=lambda i: (-view.free_slots[i], i))
-        decoding = sorted(view.idle & holding, key=lambda i: (-view.free_slots[i], i))
-        instances = free_first
-        head = view.waiting[0].prompt_len + 1
-        while decoding and (not instances or sum(view.free_slots[i] - newest[i] for i in instances) < head):
-            instances.append(decoding.pop(0))
-        instances = tuple(instances)
-        max_s = extra.get("max_prefill_s") or cost.prefill_time([self.options.max_prefill_tokens], 1)
-        lookahead = int(extra.get("lookahead", 4))
-        max_overtaken = float(extra.get("max_overtaken_s", 10.0))
-        room_now = sum(view.free_slots[i] - newest[i] for i in instances)
-        room_future = sum(view.free_slots) - future
+        cost, opts = view.cost_model or FALLBACK_COST, self.loong
+        load = DecodeLoad.of(view, opts.tpot_target_s)
+        preempt = opts.preempt
+        if preempt == "tolerable" and not view.idle - load.holding:
+            if (opts.urgent_ratio < math.inf and self._urgency(view, cost) >= opts.urgent_ratio) or \
+                    (opts.slo_urgency and self._slo_urgency(view, cost) >= opts.slo_urgency):
+                preempt = "always"
+            elif self._shortest_prefill(view, cost) > max(load.tolerable_pause(i, cost, opts.pause_miss_share)
+                                                          for i in view.idle):
+                return Dispatch()  # the common case under load, decided without ordering the queue
+        order = self._order(view, cost) if opts.order == "hrrn" else list(view.waiting)
+        instances, decoding, pause = first_instances(view, cost, load, order[:opts.lookahead + 1], preempt,
+                                                     opts.pause_miss_share)
+        if not instances:
+            return Dispatch()
+        max_s = min(pause, opts.max_prefill_s or cost.prefill_time([self.options.max_prefill_tokens], 1))
+        room_now = sum(view.free_slots[i] - load.newest[i] for i in instances)
+        room_future = sum(view.free_slots) - load.future
         chosen: list[int] = []
         lengths: list[int] = []
         tokens = squares = skipped = 0
-        for req in view.waiting:
+        for req in order:
             alone = not chosen and not view.running
             n = req.prompt_len
             fits = n + 1 <= room_now and (alone or req.max_kv_tokens <= room_future)
             if not fits:
                 skipped += 1
-                if skipped > lookahead or view.now - req.arrival_s > max_overtaken:
+                if skipped > opts.lookahead or view.now - req.arrival_s > opts.max_overtaken_s:
                     break
                 continue
-            if chosen and (len(chosen) >= self.options.max_batch_size or cost.prefill_time_of_sums(
+            if (chosen or pause < math.inf) and (len(chosen) >= self.options.max_batch_size or cost.prefill_time_of_sums(
                     tokens + n, squares + n * n, len(chosen) + 1, len(instances)) > max_s):
                 break
             chosen.append(req.request_id)
@@ -80,56 +107,164 @@ class LoongScheduling(SchedulingPolicy):
             room_future -= req.max_kv_tokens
         if not chosen:
             return Dispatch()
-        return Dispatch(tuple(chosen), tuple(sorted(allocate_instances(view, cost, lengths, instances, decoding))))
+        more = allocate_instances(view, cost, load, lengths, instances, decoding, opts.preempt,
+                                  opts.pause_miss_share)
+        if opts.keep_free:
+            more = keep_room(view, cost, load, lengths, more, opts.keep_free, opts.keep_free_after_s)
+        return Dispatch(tuple(chosen), tuple(sorted(more)))
 
 
-def allocate_instances(view: ClusterView, cost: CostModel, lengths: list[int], instances: tuple[int, ...],
-                       decoding: list[int]) -> list[int]:
-    """Step 2: add decode instances while the gain beats the cost. Gain: the drop in the batch's
-    prefill time times the sum of 1/len over its requests (normalized input latency). Cost:
-    the decodes on the instance pause for the whole prefill, adding that time over each
-    one's remaining output tokens (normalized output latency)."""
+def dispatch_order(view: ClusterView, cost: CostModel, order: str = "hrrn") -> list[RequestView]:
+    """The waiting requests in the order dispatch considers them: `fcfs`, arrival order (the
+    paper's), or `hrrn`, highest response ratio first (:class:`ResponseRatio`)."""
+    return ResponseRatio()(view, cost).all() if order == "hrrn" else list(view.waiting)
+
+
+class ResponseRatio:
+    """Highest response ratio next: waiting requests by `(waited + T) / budget`, highest first,
+    with `T` the request's predicted prefill alone on one instance and `budget` its
+    `ttft_slo_s`, else `T`. The paper's metrics average latency normalized by length, so a short
+    prompt stuck behind a long one costs the mean far more than the reverse; the ratio grows
+    with waiting, so no request starves. The per-request terms are kept while the queue's view
+    is the same object (the scheduler rebuilds it only when the queue changes)."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._terms: tuple[np.ndarray, np.ndarray] | None = None
+        self._each: dict[int, tuple[RequestView, float, float, float]] = {}
+        self.shortest = 0.0  # the shortest predicted prefill alone in the queue
+        self.any_targeted = False  # whether a request in the queue has a TTFT target
+
+    def __call__(self, view: ClusterView, cost: CostModel) -> RatioOrder:
+        start, budget = self.prepare(view, cost)._terms
+        return RatioOrder(view.waiting, np.argsort((start - view.now) / budget, kind="stable"))
+
+    def prepare(self, view: ClusterView, cost: CostModel) -> ResponseRatio:
+        waiting = view.waiting
+        if self._key is None or self._key[0] is not waiting or self._key[1] is not cost:
+            if self._key is None or self._key[1] is not cost:
+                self._each = {}
+            a, b, c = cost.prefill_coefficients(1)
+            each, known = {}, self._each
+            for r in waiting:  # (start, budget) of a request view, kept while the view is the same object
+                hit = known.get(r.request_id)
+                if hit is None or hit[0] is not r:
+                    n = r.prompt_len - sum(r.kv_tokens.values()) if r.kv_tokens else r.prompt_len
+                    alone = a + n * (b + c * n)
+                    hit = (r, r.arrival_s - alone, r.ttft_slo_s or alone, alone)
+                each[r.request_id] = hit
+            self._each, self._key = each, (waiting, cost)
+            terms = np.array([hit[1:] for hit in each.values()], dtype=np.float64).reshape(-1, 3)
+            self._terms = (terms[:, 0], terms[:, 1])
+            self.shortest = float(terms[:, 2].min()) if len(terms) else 0.0
+            self._targeted = np.fromiter((hit[0].ttft_slo_s is not None for hit in each.values()), bool, len(each))
+            self.any_targeted = bool(self._targeted.any())
+        return self
+
+    def highest(self, now: float, with_target: bool = False) -> float:
+        """The highest response ratio in the queue (`with_target`: among prompts with a TTFT
+        target, whose ratio is the share of it used; 0 when none has one)."""
+        start, budget = self._terms
+        if with_target:
+            if not self.any_targeted:
+                return 0.0
+            start, budget = start[self._targeted], budget[self._targeted]
+        return float(((now - start) / budget).max()) if len(start) else 0.0
+
+
+class RatioOrder:
+    """A queue's requests in a precomputed order, materialized only as far as they are read."""
+
+    def __init__(self, waiting: tuple[RequestView, ...], index: np.ndarray) -> None:
+        self.waiting, self.index = waiting, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self.waiting[i] for i in self.index[k]]
+        return self.waiting[self.index[k]]
+
+    def __iter__(self):
+        waiting = self.waiting
+        return (waiting[i] for i in self.index.tolist())
+
+    def all(self) -> list[RequestView]:
+        return list(self)
+
+
+def first_instances(view: ClusterView, cost: CostModel, load: DecodeLoad, heads: list[RequestView], preempt: str,
+                    miss_share: float = 0.0) -> tuple[list[int], list[int], float]:
+    """The idle instances a prefill starts on, the idle decoding instances left for step 2, and
+    the longest prefill that start allows (inf unless it pauses decodes). Instances that hold no
+    decode KV come first; decoding ones join while those lack room for the first of `heads` (the
+    front of the dispatch order). With none of those idle, `preempt` decides: `tolerable` takes
+    the decoding instance whose decodes tolerate the longest pause
+    (:meth:`DecodeLoad.tolerable_pause`) if that covers the prefill of one of `heads`, `always`
+    the one with the most free slots, `never` none."""
+    holding = load.holding
+    free_first = sorted(view.idle - holding, key=lambda i: (-view.free_slots[i], i))
+    decoding = sorted(view.idle & holding, key=lambda i: (-view.free_slots[i], i))
+    need = heads[0].prompt_len + 1
+    if free_first or not decoding:
+        while decoding and sum(view.free_slots[i] - load.newest[i] for i in free_first) < need:
+            free_first.append(decoding.pop(0))
+        return free_first, decoding, math.inf
+    if preempt == "always":
+        return [decoding.pop(0)], decoding, math.inf
+    if preempt == "never":
+        return [], decoding, math.inf
+    tolerance = {i: load.tolerable_pause(i, cost, miss_share) for i in decoding}
+    best = max(decoding, key=lambda i: (tolerance[i], view.free_slots[i], -i))
+    room = view.free_slots[best] - load.newest[best]
+    if any(h.prompt_len < room and cost.prefill_time([h.remaining_prompt], 1) <= tolerance[best] for h in heads):
+        decoding.remove(best)
+        return [best], decoding, tolerance[best]
+    return [], decoding, math.inf
+
+
+def keep_room(view: ClusterView, cost: CostModel, load: DecodeLoad, lengths: list[int], chosen: list[int],
+              keep: int, after_s: float) -> list[int]:
+    """Leave `keep` instances that hold no decode out of a prefill predicted to take longer than
+    `after_s`, for the work that arrives meanwhile (replicas never block a short prompt behind a
+    long one; an ESP group of every instance does). The instances left out are the decoding ones
+    first, then those with the fewest free slots, while the rest still hold the batch's KV."""
+    free_elsewhere = sum(1 for i in view.idle - set(chosen) if i not in load.holding)
+    if free_elsewhere >= keep or len(chosen) < 2 or cost.prefill_time(lengths, len(chosen)) <= after_s:
+        return chosen
+    need = sum(lengths) + len(lengths)
+    out = sorted(chosen, key=lambda i: (i not in load.holding, view.free_slots[i], -i))
+    while free_elsewhere < keep and len(out) > 1:
+        rest = out[1:]
+        if sum(view.free_slots[i] - load.newest[i] for i in rest) < need:
+            break
+        free_elsewhere += out[0] not in load.holding
+        out = rest
+    return out
+
+
+def allocate_instances(view: ClusterView, cost: CostModel, load: DecodeLoad, lengths: list[int],
+                       instances: list[int], decoding: list[int], preempt: str = "tolerable",
+                       miss_share: float = 0.0) -> list[int]:
+    """Step 2 (paper Eq. 1/2): add decoding instances while the gain beats the cost. Gain: the
+    drop in the batch's prefill time times the sum of 1/len over its requests (normalized input
+    latency). Cost: the decodes on the instance pause for the whole prefill, adding that time
+    over each one's remaining output tokens (normalized output latency). With `tolerable`, the
+    pause must also be one its decodes tolerate; with `never`, none is added."""
     chosen = list(instances)
+    if preempt == "never":
+        return chosen
     inverse_len = sum(1 / n for n in lengths)
     for cand in decoding:
         now, more = cost.prefill_time(lengths, len(chosen)), cost.prefill_time(lengths, len(chosen) + 1)
-        paused = sum(1 / max(1, r.max_tokens - r.output_len) for r in view.running if cand in r.kv_tokens)
+        paused = load.paused_weight(cand)
         if (now - more) * inverse_len <= more * paused:
+            break
+        if preempt == "tolerable" and more > load.tolerable_pause(cand, cost, miss_share):
             break
         chosen.append(cand)
     return chosen
-
-
-class LoongScaling(GreedyScaling):
-    """Greedy scaling plus scale-up on compute pressure: a master takes at most
-    `max_batch_per_master` requests (option; default 128, about where a 7B model's decode turns
-    compute-bound on an A800); beyond it, masters go to other group members or idle instances."""
-
-    def decode_plan(self, view: ClusterView, batch: Batch) -> DecodePlan:
-        plan = super().decode_plan(view, batch)
-        limit = int(self.options.extra.get("max_batch_per_master", 128))
-        load: dict[int, int] = {}
-        for master in plan.masters.values():
-            load[master] = load.get(master, 0) + 1
-        if all(n <= limit for n in load.values()):
-            return plan
-        free = {i: view.free_slots[i] - load.get(i, 0) for i in range(view.num_instances)}
-        group = set(plan.group)
-        spare = spare_instances(view, group, free)
-        masters = dict(plan.masters)
-        for rid, master in plan.masters.items():
-            if load[master] <= limit:
-                continue
-            light = [i for i in sorted(group, key=lambda i: load.get(i, 0)) if load.get(i, 0) < limit]
-            target = first_with_room(light, free, group, spare)
-            if target is None:
-                break
-            masters[rid] = target
-            load[master] -= 1
-            load[target] = load.get(target, 0) + 1
-            free[target] -= 1
-            free[master] += 1
-        return DecodePlan(tuple(sorted(group)), masters)
 
 
 class LoongBatching(FCFSBatching):
@@ -140,7 +275,7 @@ class LoongBatching(FCFSBatching):
             return []
         cost = view.cost_model or FALLBACK_COST
         wanted, length = set(dispatch.request_ids), {}
-        for r in view.waiting:  # dispatch takes from the front of the queue: stop once all are found
+        for r in view.waiting:  # stop once all are found
             if r.request_id in wanted:
                 length[r.request_id] = r.prompt_len
                 if len(length) == len(wanted):

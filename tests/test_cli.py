@@ -33,6 +33,8 @@ def test_cli_generate_json_is_greedy_and_matches_the_engine():
     (["generate", "--prompt-ids", "1,a"], "comma-separated integers"),
     (["generate", "--prompt", "x", "--temperature", "500"], "temperature must be 0 (greedy) or in"),
     (["serve", "--instances", "0"], "positive integer"),
+    (["generate", "--prompt", "x", "--policy-option", "order=sjf"], "loong option order='sjf': one of hrrn, fcfs"),
+    (["generate", "--prompt", "x", "--policy-option", "noequals"], "must be KEY=VALUE"),
 ])
 def test_cli_bad_flags_give_one_line_and_nonzero_exit(args, message):
     res = subprocess.run([sys.executable, "-m", "esp.cli.main", *args], capture_output=True, text=True, timeout=120)

@@ -1,7 +1,10 @@
 """LoongServe's dispatch and batching steps on hand-made cluster views."""
 from __future__ import annotations
 
+from dataclasses import replace
 from types import MappingProxyType
+
+import pytest
 
 from dp_oracles import brute_force
 
@@ -40,9 +43,15 @@ def test_admission_counts_the_future_kv_of_running_requests():
 def test_bounded_out_of_order_admission():
     waiting = [req(1, 9000, arrival=0.5), req(2, 50, arrival=0.6), req(3, 60, arrival=0.7)]
     small_room = (4000, 0, 0, 0)
-    assert LoongScheduling(PolicyOptions()).dispatch(view(waiting, free=small_room)).request_ids == (2, 3)
+    fcfs = LoongScheduling(PolicyOptions(extra={"order": "fcfs"}))
+    assert fcfs.dispatch(view(waiting, free=small_room)).request_ids == (2, 3)
     overdue = view(waiting, free=small_room, now=60.0)
-    assert LoongScheduling(PolicyOptions()).dispatch(overdue).request_ids == ()
+    assert fcfs.dispatch(overdue).request_ids == ()
+    # by response ratio the short ones come first anyway; once the long one leads the order and
+    # has waited past max_overtaken_s, nothing overtakes it for lack of memory
+    hrrn = LoongScheduling(PolicyOptions())
+    assert hrrn.dispatch(overdue).request_ids == (2, 3)
+    assert hrrn.dispatch(view(waiting[:1] + [req(2, 50, arrival=59.9)], free=small_room, now=60.0)).request_ids == ()
 
 
 def test_batching_uses_the_dynamic_program():
@@ -76,3 +85,144 @@ def test_compute_pressure_spreads_masters_and_never_overfills_an_instance():
     # Six requests on master 0 with a limit of two: two move to idle instance 2 (instance 1 has
     # no free slot, so it is never a master); no third instance is left, so 0 keeps four.
     assert load == {0: 4, 2: 2} and plan.group == (0, 2)
+
+
+# -- beyond the paper: response-ratio order, pauses decodes tolerate, consolidation, KV spread ----
+from esp.policies import PolicyError  # noqa: E402
+from esp.policies.base import Batch  # noqa: E402
+from esp.policies.loong import dispatch_order  # noqa: E402
+from esp.policies.loong_options import LoongOptions  # noqa: E402
+from esp.policies.loong_scaling import LoongScaling  # noqa: E402
+
+
+def decoding(rid, kv: dict, left=100, tpot_slo_s=None):
+    return RequestView(rid, 0.0, sum(kv.values()), 1, 1 + left, MappingProxyType(kv), tpot_slo_s=tpot_slo_s)
+
+
+def test_response_ratio_order_puts_short_prompts_first_until_a_long_one_has_waited():
+    short, long_ = req(1, 100, arrival=9.0), req(2, 20_000, arrival=0.0)
+    t_short, t_long = COST.prefill_time([100], 1), COST.prefill_time([20_000], 1)
+    for now in (9.5, 30.0, 200.0):
+        ratios = {1: (now - 9.0 + t_short) / t_short, 2: (now + t_long) / t_long}
+        expected = sorted(ratios, key=lambda r: -ratios[r])
+        got = [r.request_id for r in dispatch_order(view([long_, short], now=now), COST)]
+        assert got == expected, now
+    assert [r.request_id for r in dispatch_order(view([long_, short], now=9.5), COST, "fcfs")] == [2, 1]
+
+
+def test_a_ttft_target_replaces_the_prefill_time_as_the_budget():
+    relaxed = RequestView(1, 0.0, 100, 0, 16, ttft_slo_s=60.0)
+    urgent = RequestView(2, 0.0, 20_000, 0, 16, ttft_slo_s=3.0)
+    assert [r.request_id for r in dispatch_order(view([relaxed, urgent], now=1.0), COST)] == [2, 1]
+
+
+def test_a_prefill_takes_a_decoding_instance_only_when_its_decodes_tolerate_the_pause():
+    step = COST.decode_time(1, 1000)
+    prefill = COST.prefill_time([3000], 1)
+    waiting = [req(5, 3000)]
+    for left, expected in ((100, (5,)), (5, ())):
+        tolerance = (0.05 - step) * left
+        assert (prefill <= tolerance) == bool(expected)
+        v = view(waiting, running=[decoding(9, {0: 1000}, left=left)], idle=frozenset({0}))
+        d = LoongScheduling(PolicyOptions()).dispatch(v)
+        assert d.request_ids == expected and d.instances == ((0,) if expected else ())
+        assert LoongScheduling(PolicyOptions(extra={"preempt": "always"})).dispatch(v).instances == (0,)
+        assert LoongScheduling(PolicyOptions(extra={"preempt": "never"})).dispatch(v).request_ids == ()
+    # the request's own TPOT target counts, not the default
+    v = view(waiting, running=[decoding(9, {0: 1000}, left=100, tpot_slo_s=0.012)], idle=frozenset({0}))
+    assert LoongScheduling(PolicyOptions()).dispatch(v).request_ids == ()
+
+
+def test_decode_free_instances_come_first():
+    v = view([req(5, 200)], running=[decoding(9, {0: 1000}, left=5)], idle=frozenset({0, 1}))
+    assert LoongScheduling(PolicyOptions()).dispatch(v).instances == (1,)
+
+
+def test_consolidation_moves_the_lightest_instance_into_a_heavier_one():
+    running = [decoding(1, {0: 100}), decoding(2, {1: 500}), decoding(3, {1: 400})]
+    v = view([], running=running)
+    moves = LoongScaling(PolicyOptions()).migrations(v)
+    assert [(m.request_id, m.src, m.dst, m.tokens) for m in moves] == [(1, 0, 1, 100)]
+    # the destination would step slower than the target: nothing moves
+    tight = LoongScaling(PolicyOptions(extra={"tpot_target_s": COST.decode_time(2, 900) * 1.001}))
+    assert COST.decode_time(3, 1000) > COST.decode_time(2, 900) * 1.001
+    assert tight.migrations(v) == []
+    # a request spread over two instances pins them
+    assert LoongScaling(PolicyOptions()).migrations(view([], running=[decoding(1, {0: 50, 2: 50}),
+                                                                      decoding(2, {1: 500})])) == []
+    assert LoongScaling(PolicyOptions(extra={"consolidate": False})).migrations(v) == []
+
+
+def test_a_long_request_keeps_its_kv_on_enough_instances_to_meet_the_tpot_target():
+    cost = CostModel(COST.prefill, {1: (0.01, 1e-5, 4e-6)}, 2e-5, 1e10, 4096, decode_basis="busiest")
+    n, target = 20_000, 0.05
+
+    def step(k):  # the busiest holder of an even split over k instances
+        return cost.decode_time(1, n, k, master_batch=1, holder_kv=-(-n // k))
+    k = next(k for k in range(1, 5) if step(k) <= target)
+    assert k == 3
+    v = replace(view([req(1, n)]), cost_model=cost)
+    batch = Batch((1,), (0, 1, 2, 3))
+    parts = LoongScaling(PolicyOptions()).keep_plan(v, batch).ranges[1]
+    assert sum(t for _, t in parts) == n and len(parts) == k
+    assert cost.decode_time(1, n, k, master_batch=1, holder_kv=max(t for _, t in parts)) <= target
+    packed = LoongScaling(PolicyOptions(extra={"spread_kv": False})).keep_plan(v, batch).ranges[1]
+    assert len(packed) == 2  # 10,000 slots per instance
+    relaxed = replace(v, waiting=(RequestView(1, 0.0, n, 0, 16, tpot_slo_s=0.2),))
+    assert len(LoongScaling(PolicyOptions()).keep_plan(relaxed, batch).ranges[1]) == 2
+
+
+def test_without_scale_up_a_full_decode_never_takes_an_idle_instance():
+    full = decoding(1, {0: 10_000})
+    v = view([], free=(0, 10_000, 10_000, 10_000), running=[full])
+    batch = Batch((1,), (0,))
+    assert LoongScaling(PolicyOptions()).decode_plan(v, batch).masters == {1: 1}
+    assert LoongScaling(PolicyOptions(extra={"scale_up": False})).decode_plan(v, batch).masters == {}
+    # nor does it put a request's next token on another request's holder in the batch
+    other = decoding(2, {1: 10})
+    v = view([], free=(0, 5, 10_000, 10_000), running=[full, other])
+    batch = Batch((1, 2), (0, 1))
+    assert LoongScaling(PolicyOptions()).decode_plan(v, batch).masters == {1: 1, 2: 1}
+    assert LoongScaling(PolicyOptions(extra={"scale_up": False})).decode_plan(v, batch).masters == {2: 1}
+
+
+def test_options_are_checked_once_at_construction():
+    assert LoongOptions.of({"order": "fcfs", "consolidate": "false", "tpot_target_s": "0.1", "chunk_size": 9}) == \
+        LoongOptions(order="fcfs", consolidate=False, tpot_target_s=0.1)
+    for bad in ({"order": "sjf"}, {"preempt": "sometimes"}, {"tpot_target_s": -1}, {"lookahead": "x"},
+                {"scale_up": "maybe"}):
+        with pytest.raises(PolicyError, match="loong option"):
+            LoongScheduling(PolicyOptions(extra=bad))
+
+
+def test_an_urgent_prompt_takes_a_decoding_instance_its_decodes_do_not_tolerate():
+    running = [decoding(9, {0: 1000}, left=5)]
+    prefill = COST.prefill_time([3000], 1)
+    assert prefill > (0.05 - COST.decode_time(1, 1000)) * 5
+    for waited, expected in ((prefill * 3, ()), (prefill * 5, (5,))):  # response ratio 4, then 6
+        v = view([req(5, 3000, arrival=0.0)], running=running, idle=frozenset({0}), now=waited)
+        assert LoongScheduling(PolicyOptions()).dispatch(v).request_ids == ()
+        assert LoongScheduling(PolicyOptions(extra={"urgent_ratio": 5})).dispatch(v).request_ids == expected
+
+
+def test_a_long_prefill_leaves_an_instance_free_for_what_arrives_meanwhile():
+    v = view([req(1, 9000)])
+    t4 = COST.prefill_time([9000], 4)
+    assert LoongScheduling(PolicyOptions(extra={"keep_free_after_s": t4 * 2})).dispatch(v).instances == (0, 1, 2, 3)
+    kept = LoongScheduling(PolicyOptions(extra={"keep_free_after_s": t4 / 2})).dispatch(v).instances
+    assert len(kept) == 3
+    assert LoongScheduling(PolicyOptions(extra={"keep_free_after_s": t4 / 2, "keep_free": 0})).dispatch(v).instances \
+        == (0, 1, 2, 3)
+    # not when the other three could not hold its KV
+    tight = view([req(1, 9000)], free=(3000,) * 4)
+    assert LoongScheduling(PolicyOptions(extra={"keep_free_after_s": t4 / 2})).dispatch(tight).instances == (0, 1, 2, 3)
+
+
+def test_a_prompt_about_to_miss_its_ttft_target_takes_a_decoding_instance():
+    running = [decoding(9, {0: 1000}, left=5)]
+    prefill = COST.prefill_time([3000], 1)
+    for waited, expected in ((0.0, ()), (prefill * 3, (5,))):  # 25%, then 100% of a 4 x prefill target
+        v = view([RequestView(5, 0.0, 3000, 0, 16, ttft_slo_s=prefill * 4)], running=running,
+                 idle=frozenset({0}), now=waited)
+        assert LoongScheduling(PolicyOptions()).dispatch(v).request_ids == expected
+        assert LoongScheduling(PolicyOptions(extra={"slo_urgency": 0})).dispatch(v).request_ids == ()

@@ -135,11 +135,12 @@ def test_suite_quick_mode_end_to_end(tmp_path):
     md = tmp_path / "results.md"
     md.write_text("# Results\n\nsomeone else's section\n")
     out = tmp_path / "fig10.json.gz"
-    assert paper.main(["fig10", "--quick", "--datasets", "mixed", "--json", str(out),
+    systems = ("loong", "vllm-tp8", "chunked-tp8", "disagg-tp4")
+    assert paper.main(["fig10", "--quick", "--datasets", "mixed", "--systems", ",".join(systems), "--json", str(out),
                        "--results-md", str(md)]) == 0
     data = json.loads(gzip.open(out, "rt").read())["fig10"]
     assert data["quick"] and set(data["profiles"]) == {"2", "4", "8"}
-    assert set(data["runs"]) == {f"mixed/{s}" for s in ("loong", "vllm-tp8", "chunked-tp8", "disagg-tp4")}
+    assert set(data["runs"]) == {f"mixed/{s}" for s in systems}
     for runs in data["runs"].values():
         assert len(runs) >= 2 and runs == sorted(runs, key=lambda p: p["rate"])
         for p in runs:  # per-request records, enough to recompute every metric
@@ -149,7 +150,7 @@ def test_suite_quick_mode_end_to_end(tmp_path):
             lat = normalized_latencies([RequestRecord.from_dict(dict(zip(recs, row)))
                                         for row in zip(*recs.values())])
             assert lat["per_token"] == pytest.approx(p["normalized_latency_s"]["per_token"], rel=1e-4)
-    assert set(data["capacity"]["mixed/loong"]) == {"per_token", "input", "output", "p90"}
+    assert set(data["capacity"]["mixed/loong"]) == {"per_token", "input", "output", "p90", "attain"}
     text = md.read_text()
     assert text.startswith("# Results\n\nsomeone else's section\n")
     assert "<!-- paper-fig10 -->" in text and "paper 2.66x" in text and "loong 4xTP2 (ours)" in text
@@ -158,8 +159,8 @@ def test_suite_quick_mode_end_to_end(tmp_path):
     assert md.read_text().count("<!-- paper-fig10 -->") == 1
     # the JSON renders again, every metric recomputed from its records
     (back,) = paper.read_json(out)
-    assert back.curves.keys() == {("mixed", s) for s in ("loong", "vllm-tp8", "chunked-tp8", "disagg-tp4")}
-    for m in ("per_token", "input", "p90"):
+    assert back.curves.keys() == {("mixed", s) for s in systems}
+    for m in ("per_token", "input", "p90", "attain"):
         c = data["capacity"]["mixed/loong"][m]
         assert (c and c["rate"]) == pytest.approx((lambda x: x and x.rate)(back.capacity("mixed", "loong", m)))
     assert paper.main(["fig10", "--from-json", str(out), "--results-md", str(md)]) == 0
@@ -172,3 +173,35 @@ def test_suite_through_esp_run_bench(capsys):
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "Fig. 13" in out and "loong w/o scale-up" in out
+
+
+def test_share_metrics_use_the_papers_and_the_projects_slo():
+    from esp.cli.bench import paper
+    from esp.costs.presets import load_profile
+    tp2 = load_profile("a800-lwm7b-tp2")
+    slos = paper.share_slos(tp2)
+    for n in (100, 30_000, 400_000):
+        assert slos["p90"].ttft_limit(n) == pytest.approx(max(15.0, 25 * tp2.prefill_time([n], 4)))
+        assert slos["attain"].ttft_limit(n) == pytest.approx(max(0.25, 5 * tp2.prefill_time([n], 1)))
+    assert (slos["p90"].tpot_s, slos["attain"].tpot_s) == (0.05, 0.1)
+    assert paper.threshold(paper.DATASETS["mixed"], "attain") == (0.9, True)
+
+
+def test_loong_ablation_runs_every_variant_and_writes_its_block(tmp_path):
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "loong_ablation", Path(__file__).parents[1] / "benchmarks" / "loong_ablation.py")
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    doc = tmp_path / "loong.md"
+    doc.write_text("before\n<!-- loong-ablation -->\nold\n<!-- /loong-ablation -->\nafter\n")
+    out = tmp_path / "rows.json"
+    assert ablation.main(["--requests", "6", "--json", str(out), "--doc", str(doc)]) == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == len(ablation.POINTS) * len(ablation.VARIANTS)
+    assert {r["options"].get("order", "hrrn") for r in rows} == {"hrrn", "fcfs"}
+    assert all(0 <= r["p90_share"] <= 1 and r["per_token_ms"] > 0 for r in rows)
+    text = doc.read_text()
+    assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
+    assert text.count("| mixed @ 0.4 |") == len(ablation.VARIANTS)

@@ -189,7 +189,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "ignore_eos": "yes"}, "ignore_eos"),
     ("/v1/completions", {"prompt": "x", "stream": "yes"}, "stream"),
     ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
-    ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": {"include_usage": 1}}, "include_usage"),
+    ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": {"include_usage": 1}},
+     "stream_options.include_usage"),
     ("/v1/completions", {"prompt": "x", "n": 2}, "n"),
     ("/v1/completions", {"prompt": "x", "model": ["a"]}, "model"),
     ("/v1/completions", {"prompt": "x", "logprobs": 2}, "logprobs"),
@@ -221,6 +222,11 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "best_of": 2}, "best_of"),
     ("/v1/completions", {"prompt": "x", "stream_options": "usage", "stream": True}, "stream_options"),
     ("/v1/completions", {"prompt": [4096]}, "prompt"),
+    ("/v1/completions", {"prompt": "x", "slo": 5}, "slo"),
+    ("/v1/completions", {"prompt": "x", "slo": {"ttft_ms": -1}}, "slo.ttft_ms"),
+    ("/v1/completions", {"prompt": "x", "slo": {"tpot_ms": 0}}, "slo.tpot_ms"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "slo": {"tpot_ms": "fast"}},
+     "slo.tpot_ms"),
     ("/v1/completions", b'{"prompt": "x", "temperature": NaN}', None),
     ("/v1/completions", b'{"prompt": "x", "top_p": Infinity}', None),
     ("/v1/completions", b'{"prompt": "x", "temperature": 1e400}', "temperature"),
@@ -343,6 +349,12 @@ async def test_models_health_and_metrics(engine, url, http):
                     "esp_scheduler_seconds_total", "esp_engine_rejected_overloaded_total"):
         assert (counter, ()) in after, counter
     assert after[("esp_scheduler_seconds_total", ())] > 0
+    calls = after[("esp_schedule_duration_seconds_count", ())]
+    assert calls >= grew("esp_schedule_duration_seconds_count") > 0
+    assert after[("esp_schedule_duration_seconds_bucket", (("le", "+Inf"),))] == calls
+    assert after[("esp_schedule_duration_seconds_sum", ())] == after[("esp_scheduler_seconds_total", ())]
+    assert after[("esp_schedule_duration_seconds_bucket", (("le", "0.0001"),))] <= \
+        after[("esp_schedule_duration_seconds_bucket", (("le", "1.0"),))] <= calls
 
 
 async def test_openai_client_streams_a_completion(engine, url):
@@ -443,7 +455,7 @@ async def test_500_carries_a_request_id_and_no_details(engine, url, http, monkey
     assert "secret" not in json.dumps(out) and "RuntimeError" not in json.dumps(out)
     monkeypatch.undo()
 
-    async def failing(prompt, params, request_id=None):
+    async def failing(prompt, params, request_id=None, slo=None):
         yield RequestOutput(request_id, [], "", [], "", 1, finish_reason="error", error="worker 0: secret")
 
     monkeypatch.setattr(engine, "generate", failing)
@@ -451,7 +463,7 @@ async def test_500_carries_a_request_id_and_no_details(engine, url, http, monkey
         status, out = await post(http, url, "/v1/completions", {"prompt": "hi", "max_tokens": 1, "stream": stream})
         assert status == 500 and "secret" not in json.dumps(out) and "request id req-" in out["error"]["message"]
 
-    async def breaks_mid_stream(prompt, params, request_id=None):
+    async def breaks_mid_stream(prompt, params, request_id=None, slo=None):
         yield RequestOutput(request_id, [5], "Hello", [5], "Hello", 1)
         raise RuntimeError("secret detail of /srv/esp")
 
@@ -500,3 +512,16 @@ async def test_openapi_describes_every_route_with_the_enforced_bounds(engine, ur
         assert {"400", "404", "413", "415", "500", "503"} <= set(op["responses"])
     status, out = await post(http, url, "/v1/completions", {"prompt": "hi", "temperature": 1e-3 / 2})
     assert status == 400 and out["error"]["param"] == "temperature"
+
+
+async def test_slo_is_echoed_with_its_attainment(engine, url, http):
+    body = {"model": engine.model_name, "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    expected = await oracle(engine, PROMPT, max_tokens=6, temperature=0, ignore_eos=True)
+    status, out = await post(http, url, "/v1/completions", {**body, "slo": {"ttft_ms": 3.6e6, "tpot_ms": 1e-3}})
+    assert status == 200 and out["choices"][0]["text"] == expected.text
+    assert out["usage"]["esp"]["slo"] == {"ttft_ms": 3.6e6, "tpot_ms": 1e-3, "ttft_met": True, "tpot_met": False}
+    status, out = await post(http, url, "/v1/completions", {**body, "slo": {"ttft_ms": 1e-3}})
+    assert out["usage"]["esp"]["slo"] == {"ttft_ms": 1e-3, "tpot_ms": None, "ttft_met": False, "tpot_met": None}
+    status, out = await post(http, url, "/v1/completions", body)
+    assert "slo" not in out["usage"]["esp"]
+    await wait_all_free(engine)

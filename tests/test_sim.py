@@ -95,3 +95,58 @@ def test_decode_iterations_wait_for_the_busiest_master_and_holder():
 
 
 COST_3 = CostModel({1: (1.0, 0.1, 0.01)}, {3: (0.5, 0.1, 0.01)}, 0.0, 1e9, 1, "hand")
+
+
+def test_charge_scheduler_delays_each_step_by_the_wall_time_of_its_schedule(profile, monkeypatch):
+    """The virtual clock charges what `schedule()` costs in wall time: a scheduler made to spend
+    50 ms per call delays the first token by at least that, and only with the flag."""
+    import time
+    from esp.engine.scheduler import Scheduler
+
+    plain = Scheduler.schedule
+
+    def slow(self):
+        end = time.perf_counter() + 0.05
+        while time.perf_counter() < end:
+            pass
+        return plain(self)
+    monkeypatch.setattr(Scheduler, "schedule", slow)
+
+    async def ttft(charge: bool) -> float:
+        config = EngineConfig(backend="sim", profile=profile, kv_tokens_per_instance=1000, charge_scheduler=charge)
+        async with Engine(config) as engine:
+            t0 = asyncio.get_running_loop().time()
+            async for out in engine.generate(SyntheticPrompt(10), SamplingParams(max_tokens=1, ignore_eos=True)):
+                pass
+            return asyncio.get_running_loop().time() - t0
+    assert run_virtual(ttft(False)) == pytest.approx(3.0)
+    assert run_virtual(ttft(True)) >= 3.05
+    with pytest.raises(ValueError, match="sim backend"):
+        EngineConfig(charge_scheduler=True)
+
+
+def test_a_ttft_target_moves_a_request_ahead_in_loong_dispatch(profile):
+    """One instance busy until 3 s with a 10-token prefill; at 1 s a 5-token request and a
+    20-token one arrive. By response ratio at 3 s the short one leads ((2 + 1.75) / 1.75 against
+    (2 + 7) / 7) unless the long one's 1 s TTFT target is its budget ((2 + 7) / 1). A 2 s tipping
+    point keeps each prefill alone."""
+    from esp.engine.slo import LatencySLO
+
+    async def main(slo):
+        config = EngineConfig(backend="sim", profile=profile, kv_tokens_per_instance=1000, policy="loong",
+                              policy_options={"max_prefill_s": 2.0})
+        async with Engine(config) as engine:
+            loop = asyncio.get_running_loop()
+
+            async def one(at, n, target=None):
+                await asyncio.sleep(at)
+                async for out in engine.generate(SyntheticPrompt(n), SamplingParams(max_tokens=1, ignore_eos=True),
+                                                 slo=target):
+                    pass
+                return loop.time(), out.esp.get("slo")
+            return await asyncio.gather(one(0.0, 10), one(1.0, 5), one(1.0, 20, slo))
+    (a, _), (b, _), (c, report) = run_virtual(main(None))
+    assert (a, b, c) == pytest.approx((3.0, 4.75, 11.75)) and report is None
+    (a, _), (b, _), (c, report) = run_virtual(main(LatencySLO(ttft_s=1.0)))
+    assert (a, b, c) == pytest.approx((3.0, 11.75, 10.0))
+    assert report == {"ttft_ms": 1000.0, "tpot_ms": None, "ttft_met": False, "tpot_met": None}

@@ -15,7 +15,11 @@ profile (`a800-lwm7b-tp{1,2,4,8}`, see :func:`resolve_profile`):
 - ``disagg-tp4``: DistServe-like, 1 x TP4 prefill + 1 x TP4 decode;
 - ``static-sp4tp2``: ``static-sp`` on 4 x TP2 (TP2.SP4);
 - ``replicas-tp2x4``: ``replicas`` on 4 x TP2 (TP2 x 4);
-- ``loong-no-scaleup``: ``loong`` without decode scale-up (Fig. 13; see :data:`NO_SCALE_UP`).
+- ``loong-no-scaleup``: ``loong`` without decode scale-up (Fig. 13; see :data:`NO_SCALE_UP`);
+- ``loong-fcfs``: ``loong`` dispatching in arrival order, as the paper does (Fig. 10's ablation of
+  the response-ratio order);
+- ``loong-slo``: ``loong`` with every request telling it the project's SLO (below) as its ``slo``
+  (TTFT and TPOT targets), as a client would.
 
 Metrics, from the per-request records of each run (LoongServe's ``ae-plot-fig-10-11-12.py``):
 
@@ -24,12 +28,15 @@ Metrics, from the per-request records of each run (LoongServe's ``ae-plot-fig-10
   by linear interpolation (:func:`~esp.cli.bench.metrics.first_crossing`);
 - **P90 goodput** (Fig. 12, and every dataset here): the rate where the share of requests with
   TTFT <= max(25 x the predicted solo prefill at SP4TP2, 15 s) and TPOT <= 50 ms first falls
-  under 90%.
+  under 90%;
+- **90% attainment** (this project's, every dataset): the same with `esp-run bench`'s length-aware
+  SLO, TTFT <= max(5 x the predicted solo prefill on one TP2 instance, 0.25 s), TPOT <= 100 ms.
 
 Rates: each (dataset, system) walks a geometric ladder (x1.5) from a start rate derived from the
 cost model (:func:`start_rate`), down while the lowest rate already misses, up until every
 stopping metric (all but the output latency) has crossed or the system is saturated (every
-request arrived within the first fifth of the run: a higher rate changes nothing), then bisects
+request arrived within the first fifth of the run: a higher rate changes nothing; a run with a
+failed request is over every latency SLO, and its failures count against the shares), then bisects
 each bracketing pair once (geometric mean). Every
 system sees the same requests at a given rate (one seed). A run in which any request fails
 (refused, or out of memory) counts as over every latency SLO.
@@ -48,18 +55,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from esp.cli.bench.metrics import (Crossing, RequestRecord, attainment, crossing_ratio, first_crossing,
+from esp.cli.bench.metrics import (SLO, Crossing, RequestRecord, attainment, crossing_ratio, first_crossing,
                                    format_ratio, normalized_latencies, paper_goodput_slo)
 from esp.cli.bench.workload import TraceRequest, load_dataset, make_workload
 
 LATENCY_METRICS = ("per_token", "input", "output")
 METRIC_LABEL = {"per_token": "per-token capacity", "input": "input capacity", "output": "output capacity",
-                "p90": "P90 goodput"}
+                "p90": "P90 goodput", "attain": "90% attainment (esp SLO)"}
 GOODPUT_TARGET = 0.9
-#: options that turn off loong's decode scale-up: `max_batch_per_master` (compute-pressure
-#: scale-up) exists in policies/loong.py; `scale_up` is the switch the policy is asked to grow.
-#: Scale-up on memory pressure (holders full) stays: without it a long decode cannot continue.
-NO_SCALE_UP = {"scale_up": False, "max_batch_per_master": 10**9}
+#: metrics that are a share of requests within an SLO, and the share each must keep
+SHARE_METRICS = {"p90": GOODPUT_TARGET, "attain": 0.9}
+#: loong without decode scale-up (Fig. 13): no instance is ever added to a decode batch, so a
+#: request whose holders are full waits, and is recomputed when nothing else can run.
+NO_SCALE_UP = {"scale_up": False}
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,7 @@ class System:
     instances: int
     options: Mapping = field(default_factory=dict)
     chunked: bool = False
+    tells_slo: bool = False  # each request carries the project's SLO as its `slo` hint
 
 
 SYSTEMS = {s.key: s for s in (
@@ -81,6 +90,8 @@ SYSTEMS = {s.key: s for s in (
     System("static-sp4tp2", "static TP2.SP4", "static-sp", 2, 4),
     System("replicas-tp2x4", "replicas TP2x4", "replicas", 2, 4),
     System("loong-no-scaleup", "loong w/o scale-up", "loong", 2, 4, NO_SCALE_UP),
+    System("loong-fcfs", "loong, FCFS order", "loong", 2, 4, {"order": "fcfs"}),
+    System("loong-slo", "loong told the esp SLO", "loong", 2, 4, tells_slo=True),
 )}
 
 
@@ -112,8 +123,11 @@ class Figure:
 
 
 FIGURES = {
-    "fig10": Figure(("sharegpt", "leval", "lveval", "mixed"), ("loong", "vllm-tp8", "chunked-tp8", "disagg-tp4"),
-                    "Fig. 10: end-to-end, loong against vLLM, chunked prefill and disaggregation"),
+    "fig10": Figure(("sharegpt", "leval", "lveval", "mixed"),
+                    ("loong", "vllm-tp8", "chunked-tp8", "disagg-tp4", "static-sp4tp2", "replicas-tp2x4", "loong-fcfs",
+                     "loong-slo"),
+                    "Fig. 10: end-to-end, loong against vLLM, chunked prefill, disaggregation and static "
+                    "TP2 configurations"),
     "fig12": Figure(("zipf-1.0", "zipf-1.2", "zipf-1.4"), ("loong", "vllm-tp8", "static-sp4tp2", "replicas-tp2x4"),
                     "Fig. 12: ablation, ESP against static parallelism on Zipf mixes"),
     "fig13": Figure(("mixed", "lveval"), ("loong", "loong-no-scaleup"),
@@ -170,7 +184,12 @@ class Point:
     duration_s: float
     wall_s: float
     latency: dict[str, float | None]  # seconds per token
-    goodput: float | None  # share of requests within the P90-goodput SLO
+    shares: dict[str, float | None]  # per SHARE_METRICS key: the share of requests within its SLO
+
+    @property
+    def goodput(self) -> float | None:
+        """The share of requests within the P90-goodput SLO."""
+        return self.shares["p90"]
 
     @property
     def saturated(self) -> bool:
@@ -179,11 +198,12 @@ class Point:
         return max(r.arrival_s for r in self.records) < 0.2 * self.duration_s
 
     def value(self, metric: str) -> float | None:
-        return self.goodput if metric == "p90" else self.latency[metric]
+        return self.shares[metric] if metric in SHARE_METRICS else self.latency[metric]
 
     def to_dict(self) -> dict:
         return {"rate": self.rate, "duration_s": self.duration_s, "wall_s": round(self.wall_s, 3),
                 "normalized_latency_s": self.latency, "p90_attainment": self.goodput,
+                "esp_attainment": self.shares["attain"],
                 "failed": sum(1 for r in self.records if not r.completed),
                 "records": {k: [rec[k] for rec in (r.to_dict() for r in self.records)]
                             for k in ("arrival_s", "input_len", "output_len", "first_token_s", "end_s",
@@ -199,25 +219,40 @@ def engine_config(system: System, profile: str, chunk: int):
 
 
 def run_point(system: System, profile: str, dataset: DatasetSpec, workload: list[TraceRequest], rate: float,
-              goodput_slo, seed: int = 0) -> Point:
+              slos: Mapping[str, SLO], seed: int = 0) -> Point:
     from esp.cli.bench.runner import engine_records
     from esp.engine.sim import run_virtual
     t0 = time.perf_counter()
-    records, duration, _ = run_virtual(engine_records(engine_config(system, profile, dataset.chunk), workload, seed))
+    slo_of = None
+    if system.tells_slo:
+        from esp.engine.slo import LatencySLO
+        attain = slos["attain"]
+        slo_of = lambda n: LatencySLO(attain.ttft_limit(n), attain.tpot_s)  # noqa: E731
+    records, duration, _ = run_virtual(engine_records(engine_config(system, profile, dataset.chunk), workload, seed,
+                                                      slo_of=slo_of))
     return Point(rate, records, duration, time.perf_counter() - t0, normalized_latencies(records),
-                 attainment(records, goodput_slo))
+                 {m: attainment(records, slo) for m, slo in slos.items()})
+
+
+def share_slos(tp2_cost) -> dict[str, SLO]:
+    """The SLO of each share metric, predicting solo prefills with the TP2 profile: the paper's P90
+    goodput (TTFT <= max(25 x the prefill at SP4TP2, 15 s), TPOT <= 50 ms) and the project's
+    length-aware attainment (`esp-run bench`'s default: TTFT <= max(5 x the prefill on one TP2
+    instance, 0.25 s), TPOT <= 100 ms)."""
+    return {"p90": paper_goodput_slo(lambda n: tp2_cost.prefill_time([n], 4)),
+            "attain": SLO(5.0, 0.25, 0.1, lambda n: tp2_cost.prefill_time([n], 1))}
 
 
 # --------------------------------------------------------------------------- the rate ladder
 def threshold(dataset: DatasetSpec, metric: str) -> tuple[float, bool]:
     """(threshold, higher_is_better) of a metric on a dataset."""
-    if metric == "p90":
-        return GOODPUT_TARGET, True
+    if metric in SHARE_METRICS:
+        return SHARE_METRICS[metric], True
     return dataset.slo_ms[LATENCY_METRICS.index(metric)] / 1e3, False
 
 
 def metrics_of(dataset: DatasetSpec) -> tuple[str, ...]:
-    return (LATENCY_METRICS if dataset.slo_ms else ()) + ("p90",)
+    return (LATENCY_METRICS if dataset.slo_ms else ()) + tuple(SHARE_METRICS)
 
 
 def crossing(points: Sequence[Point], dataset: DatasetSpec, metric: str) -> Crossing | None:
@@ -237,7 +272,8 @@ def _round_rate(r: float) -> float:
     return float(f"{r:.4g}")
 
 
-def sweep(system: System, profile: str, dataset: DatasetSpec, r0: float, n: int, goodput_slo, *, seed: int = 0,
+def sweep(system: System, profile: str, dataset: DatasetSpec, r0: float, n: int, slos: Mapping[str, SLO], *,
+          seed: int = 0,
           factor: float = 1.5, max_up: int = 9, max_down: int = 3, refine: bool = True,
           log=None) -> list[Point]:
     """Run `system` on `dataset` at the rates of the ladder (see the module docstring)."""
@@ -248,12 +284,13 @@ def sweep(system: System, profile: str, dataset: DatasetSpec, r0: float, n: int,
     def at(k: float) -> Point:
         rate = _round_rate(r0 * factor ** k)
         if rate not in points:
-            p = run_point(system, profile, dataset, make_workload(source, n, rate, seed), rate, goodput_slo, seed)
+            p = run_point(system, profile, dataset, make_workload(source, n, rate, seed), rate, slos, seed)
             points[rate] = p
             if log:
                 lat = " ".join(f"{m}={'-' if p.latency[m] is None else f'{p.latency[m] * 1e3:.3g}'}"
                                for m in LATENCY_METRICS if dataset.slo_ms)
                 log(f"  {dataset.name:9s} {system.key:17s} rate {rate:<8g} {lat} p90={p.goodput:.0%} "
+                    f"attain={p.shares['attain']:.0%} "
                     f"failed={sum(1 for r in p.records if not r.completed)} wall {p.wall_s:.1f}s")
         return points[rate]
 
@@ -266,8 +303,7 @@ def sweep(system: System, profile: str, dataset: DatasetSpec, r0: float, n: int,
         lo -= 1
         at(lo)
     while hi < max_up and any(crossing(ordered(), dataset, m).bound == ">=" for m in stop):
-        top = ordered()[-1]
-        if any(not r.completed for r in top.records) or top.saturated:
+        if ordered()[-1].saturated:
             break
         hi += 1
         at(hi)
@@ -316,15 +352,14 @@ def run_figure(name: str, *, quick: bool = False, datasets: Sequence[str] | None
     tp2_cost = _load_profile(tp2)
     log(f"{fig.title}")
     log("profiles: " + "; ".join(f"TP{tp}: {how[tp]}" for tp in sorted(profiles)))
-    # the P90-goodput SLO predicts a solo prefill at SP4TP2
-    goodput_slo = paper_goodput_slo(lambda n: tp2_cost.prefill_time([n], 4))
+    slos = share_slos(tp2_cost)
     curves = {}
     for d in datasets:
         spec = DATASETS[d]
         n = requests or (spec.quick_requests if quick else spec.requests)
         r0 = start_rate(spec, tp2_cost)
         for key in systems:
-            curves[(d, key)] = sweep(SYSTEMS[key], profiles[SYSTEMS[key].tp], spec, r0, n, goodput_slo, seed=seed,
+            curves[(d, key)] = sweep(SYSTEMS[key], profiles[SYSTEMS[key].tp], spec, r0, n, slos, seed=seed,
                                      max_up=3 if quick else 9, max_down=1 if quick else 5, refine=not quick,
                                      factor=2.0 if quick else 1.5, log=log)
     return Result(name, {tp: how[tp] for tp in profiles}, curves, time.perf_counter() - t0, quick, command)
@@ -396,8 +431,7 @@ def to_json(result: Result) -> dict:
 def from_json(data: Mapping) -> Result:
     """A :class:`Result` back from :func:`to_json`: every metric recomputed from the records (the
     P90-goodput SLO from today's TP2 profile)."""
-    tp2_cost = _load_profile(resolve_profile(2)[0])
-    slo = paper_goodput_slo(lambda n: tp2_cost.prefill_time([n], 4))
+    slos = share_slos(_load_profile(resolve_profile(2)[0]))
     curves = {}
     for key, runs in data["runs"].items():
         d, s = key.split("/")
@@ -406,7 +440,7 @@ def from_json(data: Mapping) -> Result:
             cols = run["records"]
             recs = [RequestRecord.from_dict(dict(zip(cols, row))) for row in zip(*cols.values())]
             pts.append(Point(run["rate"], recs, run["duration_s"], run["wall_s"], normalized_latencies(recs),
-                             attainment(recs, slo)))
+                             {m: attainment(recs, slo) for m, slo in slos.items()}))
         curves[(d, s)] = pts
     return Result(data["figure"], {int(tp): how for tp, how in data["profiles"].items()}, curves, data["wall_s"],
                   data["quick"], data.get("command", ""))

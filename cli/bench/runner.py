@@ -26,6 +26,8 @@ def add_bench_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("bench")
     g.add_argument("--backend", choices=("real", "sim"), default="real", help="in-process engine backend")
     g.add_argument("--profile", help="cost profile (preset or JSON): the TTFT SLO and sim step times")
+    g.add_argument("--charge-scheduler", action="store_true",
+                   help="with --backend sim: charge each schedule()'s wall time on the virtual clock")
     g.add_argument("--url", help="benchmark this OpenAI-compatible server instead of an in-process engine")
     g.add_argument("--model-name", help="the request's model field with --url (default: first of /v1/models)")
     src = g.add_mutually_exclusive_group(required=True)
@@ -99,13 +101,14 @@ async def replay(workload: list[TraceRequest], prompts: list[list[int]], send: S
     return list(records), loop.time() - t0
 
 
-def engine_sender(engine) -> Sender:
+def engine_sender(engine, slo_of: Callable[[int], object] | None = None) -> Sender:
+    """`slo_of(prompt tokens)`: the `LatencySLO` each request tells the engine (None: none)."""
     from esp.engine.sampling_params import SamplingParams
 
     async def send(prompt: list[int], max_tokens: int, on_token: Callable[[], None]) -> tuple[int, str]:
         n, error = 0, ""
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0)
-        async for out in engine.generate(prompt, params):
+        async for out in engine.generate(prompt, params, slo=slo_of(len(prompt)) if slo_of else None):
             if out.new_token_ids:
                 on_token()
                 n += len(out.new_token_ids)
@@ -172,16 +175,18 @@ async def _run_one(args, label: str, rate: float | None, workload, vocab: int, s
 
 
 async def engine_records(cfg, workload: list[TraceRequest], seed: int = 0, label: str = "",
-                         progress: bool = False) -> tuple[list[RequestRecord], float, object]:
+                         progress: bool = False, slo_of: Callable[[int], object] | None = None
+                         ) -> tuple[list[RequestRecord], float, object]:
     """Replay ``workload`` on a fresh in-process engine built from ``cfg`` (real or simulated: run
-    it under :func:`esp.engine.sim.run_virtual` for ``backend="sim"``). Returns the records, the
-    run's duration and the engine's cost model."""
+    it under :func:`esp.engine.sim.run_virtual` for ``backend="sim"``), each request telling the
+    engine ``slo_of(prompt tokens)`` as its SLO when given. Returns the records, the run's
+    duration and the engine's cost model."""
     from esp.engine.engine import Engine
     async with Engine(cfg) as engine:
         vocab = engine.model_config.vocab_size
         vocab = min(vocab, getattr(engine.tokenizer, "vocab_size", None) or vocab)
         prompts = _prompts(workload, seed, vocab, cfg.backend == "sim")
-        records, duration = await _replay_with_bar(workload, prompts, engine_sender(engine), label, progress)
+        records, duration = await _replay_with_bar(workload, prompts, engine_sender(engine, slo_of), label, progress)
         return records, duration, engine.cost_model
 
 
@@ -190,7 +195,9 @@ async def bench_engine(args: argparse.Namespace, policies: list[str], rates: lis
 
     base = dataclasses.replace(engine_config(args), max_waiting_requests=None, max_waiting_tokens=sys.maxsize)
     if args.backend == "sim":
-        base = dataclasses.replace(base, backend="sim", profile=args.profile)
+        base = dataclasses.replace(base, backend="sim", profile=args.profile, charge_scheduler=args.charge_scheduler)
+    elif args.charge_scheduler:
+        raise CLIError("--charge-scheduler needs --backend sim")
     max_context = args.max_context or (args.backend == "sim" and args.profile and _cost(args).meta.get("max_context")) \
         or ModelConfig.from_dir(base.model_dir).max_position_embeddings
     workloads = _workloads(args, rates, max_context)

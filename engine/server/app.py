@@ -65,7 +65,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
         raise ApiError.of_engine(err, job.param(err.param)) from None
     shape = Shape(chat, job.include_usage, f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
                   engine.model_name, int(time.time()))
-    outputs = engine.generate(encoded, params, request_id=shape.id)
+    outputs = engine.generate(encoded, params, request_id=shape.id, slo=job.slo)
     try:
         try:
             out = await outputs.__anext__()

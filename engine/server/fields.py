@@ -255,7 +255,7 @@ class Object(Spec):
             v = value.get(name)
             if v is None and f.required:
                 raise ApiError(400, f"{name} is required", name)
-            out[name] = f.default if v is None else f.spec.check(v, name)
+            out[name] = f.default if v is None else f.spec.check(v, f"{param}.{name}" if param else name)
         return out
 
     def schema(self) -> dict:
@@ -268,6 +268,11 @@ class Object(Spec):
 
 MODEL_DEFAULT = "when absent, the model's generation_config.json value, else {}"
 STREAM_OPTIONS = Object({"include_usage": Field(Boolean(), "send a last chunk with the usage", False)})
+MAX_SLO_MS = 1e9
+SLO = Object({
+    "ttft_ms": Field(Number(0, MAX_SLO_MS, open_lo=True), "target time to first token, milliseconds"),
+    "tpot_ms": Field(Number(0, MAX_SLO_MS, open_lo=True), "target time per output token, milliseconds"),
+})
 
 COMMON: dict[str, Field] = {
     "model": Field(Text(1, MAX_MODEL_CHARS), "the served model's name (see /v1/models); another name is 404"),
@@ -283,6 +288,8 @@ COMMON: dict[str, Field] = {
     "ignore_eos": Field(Boolean(), "keep generating past end-of-sequence tokens", False),
     "stream": Field(Boolean(), "answer with server-sent events", False),
     "stream_options": Field(STREAM_OPTIONS, "only with stream: true"),
+    "slo": Field(SLO, "esp-serve: this request's latency targets; the loong scheduler orders and places work "
+                      "by them, and usage.esp.slo reports them with whether each was met"),
     "n": Field(Only(1, "1 (one choice per request)"), "choices per request; only 1", 1),
     "logprobs": Field(Only(False, "false (logprobs are not supported)"), "not supported", False),
 }

@@ -7,12 +7,14 @@ Names follow vLLM's where one exists, with the `esp_` prefix. What a finished re
 from __future__ import annotations
 
 import bisect
+import itertools
 from typing import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from esp.engine.outputs import RequestOutput
+from esp.engine.status import SCHEDULE_BUCKETS
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40,
                 80, 160, 320, 640, 1280, 2560, 3600)
@@ -73,6 +75,12 @@ class EngineCollector:
                 for rank, (cap, free) in enumerate(zip(stats.kv_capacity, stats.kv_free)):
                     family.add_metric([str(rank)], value(cap, free))
             yield family
+        hist = HistogramMetricFamily("esp_schedule_duration_seconds", "Wall time of each scheduler call")
+        if stats is not None:
+            counts = list(itertools.accumulate(stats.schedule_buckets))
+            hist.add_metric([], [(str(le), n) for le, n in zip(SCHEDULE_BUCKETS, counts)] + [("+Inf", counts[-1])],
+                            stats.schedule_seconds_total)
+        yield hist
 
 
 class Metrics:

@@ -11,6 +11,7 @@ from esp.engine.errors import InvalidRequest
 from esp.engine.generation_defaults import GenerationDefaults
 from esp.engine.sampling_params import SamplingParams
 from esp.engine.server.errors import ApiError
+from esp.engine.slo import LatencySLO
 from esp.engine.server.fields import CHAT, COMPLETION
 
 MAX_DEPTH = 64
@@ -33,6 +34,7 @@ class Job:
     max_param: str
     stream: bool
     include_usage: bool
+    slo: LatencySLO | None = None
 
     @property
     def prompt_param(self) -> str:
@@ -98,7 +100,8 @@ def parse_job(body: Any, chat: bool, served_models: Collection[str],
         param = max_param if err.param == "max_tokens" else err.param
         raise ApiError(400, str(err).replace("max_tokens", max_param), param) from None
     return Job(chat, None if chat else v["prompt"], v["messages"] if chat else None, params, max_tokens,
-               max_param, v["stream"], bool(v["stream_options"] and v["stream_options"]["include_usage"]))
+               max_param, v["stream"], bool(v["stream_options"] and v["stream_options"]["include_usage"]),
+               LatencySLO.from_ms(**v["slo"]) if v["slo"] else None)
 
 
 async def chat_prompt(tokenizer, messages: tuple[dict, ...]) -> str:

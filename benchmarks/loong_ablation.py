@@ -1,0 +1,94 @@
+"""What each of loong's mechanisms beyond the paper buys, in the calibrated simulator (docs/loong.md).
+
+Runs loong on 4 x TP2 (`a800-lwm7b-tp2`) with its mechanisms switched on one at a time, from the
+paper's scheduler (arrival order, a prefill takes decoding instances whenever none other is
+idle, no KV spreading, no consolidation, long prefills on every instance) to today's default, on the paper's datasets at fixed
+rates near the baselines' capacities. Prints, per run, the paper's mean normalized per-token
+latency (ms/token), the share of requests within the paper's P90-goodput SLO, the share within
+this project's length-aware SLO, and the median TPOT of requests under 8K tokens:
+
+    .venv/bin/python benchmarks/loong_ablation.py [--json OUT.json] [--doc docs/loong.md] \
+        [--requests N]
+
+`--doc` writes the table between `<!-- loong-ablation -->` and `<!-- /loong-ablation -->` there.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from esp.cli.bench.paper import DATASETS, SYSTEMS, resolve_profile, run_point, share_slos, _load_profile
+from esp.cli.bench.workload import load_dataset, make_workload
+
+PAPER = {"order": "fcfs", "preempt": "always", "spread_kv": False, "consolidate": False, "keep_free": 0}
+VARIANTS = (
+    ("the paper's scheduler", PAPER),
+    ("+ response-ratio order", PAPER | {"order": "hrrn"}),
+    ("+ pauses decodes tolerate", PAPER | {"order": "hrrn", "preempt": "tolerable"}),
+    ("+ KV spread, consolidation", {"keep_free": 0}),
+    ("+ room for arrivals (default)", {}),
+    ("default, FCFS order", {"order": "fcfs"}),
+)
+#: (dataset, rate): near where vLLM-TP8 and chunked-TP8 cross the per-token SLO (docs/results.md)
+POINTS = (("mixed", 0.4), ("lveval", 0.15), ("leval", 2.3), ("zipf-1.2", 1.8))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", dest="json_out")
+    ap.add_argument("--requests", type=int, help="requests per run (default: the suite's per dataset)")
+    ap.add_argument("--doc", help="markdown file whose loong-ablation block gets the table")
+    args = ap.parse_args(argv)
+    profile, _ = resolve_profile(2)
+    slos = share_slos(_load_profile(profile))
+    rows = []
+    print(f"{'dataset':9s} {'rate':>6s}  {'variant':38s} {'per-token ms':>12s} {'P90 SLO':>8s} "
+          f"{'esp SLO':>8s} {'TPOT<8K ms':>10s}")
+    for name, rate in POINTS:
+        spec = DATASETS[name]
+        workload = make_workload(load_dataset(name), args.requests or spec.requests, rate, 0)
+        for label, options in VARIANTS:
+            system = dataclasses.replace(SYSTEMS["loong"], options=options)
+            p = run_point(system, profile, spec, workload, rate, slos)
+            short = [r.tpot_s for r in p.records if r.completed and r.input_len < 8192 and r.tpot_s is not None]
+            row = {"dataset": name, "rate": rate, "variant": label, "options": options,
+                   "per_token_ms": None if p.latency["per_token"] is None else p.latency["per_token"] * 1e3,
+                   "p90_share": p.shares["p90"], "esp_share": p.shares["attain"],
+                   "short_tpot_p50_ms": float(np.median(short)) * 1e3 if short else None}
+            rows.append(row)
+            print(f"{name:9s} {rate:6g}  {label:38s} {row['per_token_ms']:12.2f} {row['p90_share']:8.1%} "
+                  f"{row['esp_share']:8.1%} {row['short_tpot_p50_ms'] or float('nan'):10.1f}")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(rows, f, indent=1)
+    if args.doc:
+        write_block(Path(args.doc), markdown(rows, args))
+    return 0
+
+
+def markdown(rows: list[dict], args: argparse.Namespace) -> str:
+    command = "python benchmarks/loong_ablation.py" + (f" --requests {args.requests}" if args.requests else "")
+    lines = [f"`{command}` (deterministic: the simulator's clock is virtual)", "",
+             "| dataset @ req/s | variant | per-token ms | P90 SLO | esp SLO | TPOT < 8K ms |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        tpot = "-" if r["short_tpot_p50_ms"] is None else f"{r['short_tpot_p50_ms']:.1f}"
+        lines.append(f"| {r['dataset']} @ {r['rate']:g} | {r['variant']} | {r['per_token_ms']:.2f} | "
+                     f"{r['p90_share']:.1%} | {r['esp_share']:.1%} | {tpot} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_block(path: Path, block: str) -> None:
+    begin, end = "<!-- loong-ablation -->", "<!-- /loong-ablation -->"
+    text = path.read_text(encoding="utf-8")
+    text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: f"{begin}\n{block}{end}", text, flags=re.S)
+    path.write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
