@@ -1,23 +1,39 @@
-"""What the running (decoding) requests hold on each instance, summed once per decision, and
+"""What the running (decoding) requests hold on each instance, gathered once per decision, and
 what follows from it: how fast an instance's decodes step and how long they can pause."""
 from __future__ import annotations
 
 import heapq
 from collections import Counter
+from dataclasses import dataclass
 
 from esp.costs.cost_model import CostModel
 from esp.policies.base import ClusterView, RequestView
 
 
+@dataclass(frozen=True)
+class RankLoad:
+    """The decodes holding KV on one rank: `kv` tokens, `count` requests, `reserve` (the tokens
+    they may still generate), `inverse_left` (the sum of 1 / that, each at least 1), `slack` (per
+    request, `(budget, left)`: its TPOT target times all the tokens it may generate after its
+    first, less the time it has decoded so far, and the tokens it may still generate), `target`
+    (the tightest TPOT target), `alone` (the requests whose whole KV is there), `pinned` (it holds
+    part of a request spread over several ranks)."""
+
+    kv: int = 0
+    count: int = 0
+    reserve: int = 0
+    inverse_left: float = 0.0
+    slack: tuple[tuple[float, int], ...] = ()
+    target: float = 0.0
+    alone: tuple[RequestView, ...] = ()
+    pinned: bool = False
+
+
 class DecodeLoad:
-    """Per rank, over the running requests: `newest` (those whose next token lands there), `kv`
-    tokens, `count` requests holding KV, `reserve` (the tokens they may still generate),
-    `inverse_left` (the sum of 1 / that, each at least 1), `slack` (per request, `(budget, left)`:
-    its TPOT target times all the tokens it may generate after its first, less the time it has
-    decoded so far, and the tokens it may still generate), `targets` (the tightest TPOT target
-    there); `holding`: the ranks with decode KV; `alone`: rank -> the requests whose
-    whole KV is there; `pinned`: the ranks holding part of a spread request; `future`: the KV
-    all running requests may still add. One pass (this runs at every scheduling round).
+    """Over the running requests: `newest` (per rank, those whose next token lands there),
+    `holding` (the ranks with decode KV), `future` (the KV they may all still add), and per rank
+    a :class:`RankLoad`, summed the first time that rank is asked about. A request's TPOT target
+    is its `tpot_slo_s`, else `default_target`.
 
     `of(view, ...)` keeps the last load it built: the scheduler's prefill and migration stages
     see the same view, and both policies ask."""
@@ -25,40 +41,21 @@ class DecodeLoad:
     _last: tuple | None = None
 
     def __init__(self, running: tuple[RequestView, ...], default_target: float, now: float = 0.0) -> None:
-        self.default_target = default_target
-        newest, kv, count, reserve, inverse = Counter(), Counter(), Counter(), Counter(), Counter()
-        slack: dict[int, list[tuple[float, int]]] = {}
-        targets: dict[int, float] = {}
-        alone: dict[int, list[RequestView]] = {}
-        pinned: set[int] = set()
+        self.default_target, self.now = default_target, now
+        newest: Counter = Counter()
+        by_rank: dict[int, list[RequestView]] = {}
         future = 0
-        for r in running:
+        for r in running:  # the one pass every dispatch needs; per-rank sums wait until asked for
             held = r.kv_tokens
-            left = max(0, r.max_tokens - r.output_len)
-            future += r.prompt_len + left
-            if not held:
-                continue
-            weight = 1 / max(1, left)
-            target = r.tpot_slo_s or default_target
-            decoded = now - r.first_token_s if r.first_token_s is not None else 0.0
-            budget = (target * (r.output_len - 1 + left) - decoded, left)
-            for rank, n in held.items():
-                future -= n
-                kv[rank] += n
-                count[rank] += 1
-                reserve[rank] += left
-                inverse[rank] += weight
-                slack.setdefault(rank, []).append(budget)
-                if target < targets.get(rank, target + 1):
-                    targets[rank] = target
-            newest[rank] += 1  # the last holder is the newest token's
-            if len(held) == 1:
-                alone.setdefault(rank, []).append(r)
-            else:
-                pinned.update(held)
-        self.newest, self.kv, self.count, self.reserve, self.inverse_left = newest, kv, count, reserve, inverse
-        self.slack, self.targets, self.alone, self.pinned, self.future = slack, targets, alone, pinned, future
-        self.holding = set(count)
+            future += r.prompt_len + r.max_tokens - r.output_len
+            if held:
+                future -= sum(held.values())
+                for rank in held:
+                    by_rank.setdefault(rank, []).append(r)
+                newest[rank] += 1  # the last holder is the newest token's
+        self.newest, self.future, self._by_rank = newest, future, by_rank
+        self.holding = set(by_rank)
+        self._ranks: dict[int, RankLoad] = {}
 
     @classmethod
     def of(cls, view: ClusterView, default_target: float) -> DecodeLoad:
@@ -69,27 +66,57 @@ class DecodeLoad:
         cls._last = (view.running, default_target, load)
         return load
 
+    def rank(self, rank: int) -> RankLoad:
+        out = self._ranks.get(rank)
+        if out is None:
+            out = self._ranks[rank] = self._sum(rank)
+        return out
+
+    def _sum(self, rank: int) -> RankLoad:
+        requests = self._by_rank.get(rank)
+        if not requests:
+            return RankLoad(target=self.default_target)
+        kv = reserve = 0
+        inverse, slack, target, alone, pinned = 0.0, [], float("inf"), [], False
+        for r in requests:
+            held = r.kv_tokens
+            left = max(0, r.max_tokens - r.output_len)
+            own = r.tpot_slo_s or self.default_target
+            decoded = self.now - r.first_token_s if r.first_token_s is not None else 0.0
+            kv += held[rank]
+            reserve += left
+            inverse += 1 / max(1, left)
+            slack.append((own * (r.output_len - 1 + left) - decoded, left))
+            target = min(target, own)
+            if len(held) == 1:
+                alone.append(r)
+            else:
+                pinned = True
+        return RankLoad(kv, len(requests), reserve, inverse, tuple(slack), target, tuple(alone), pinned)
+
     def target(self, rank: int) -> float:
         """The tightest TPOT target of the decodes on `rank`."""
-        return self.targets.get(rank, self.default_target)
+        return self.rank(rank).target
 
     def paused_weight(self, rank: int) -> float:
         """Sum over the decodes on `rank` of 1 / the tokens each may still generate (the paper's
         normalized output latency per second of pause)."""
-        return self.inverse_left[rank]
+        return self.rank(rank).inverse_left
 
     def step_time(self, rank: int, cost: CostModel, extra_requests: int = 0, extra_kv: int = 0) -> float:
         """Predicted decode step of the requests on `rank` alone (plus `extra_*`)."""
-        return cost.decode_time(self.count[rank] + extra_requests, self.kv[rank] + extra_kv)
+        load = self.rank(rank)
+        return cost.decode_time(load.count + extra_requests, load.kv + extra_kv)
 
     def tolerable_pause(self, rank: int, cost: CostModel, miss_share: float = 0.0) -> float:
         """Seconds the decodes on `rank` may pause and each still meet its TPOT target over all its
         output tokens, if its remaining ones step at the rank's predicted decode step: the least
         slack there (0 when a decode there is already behind). With `miss_share`, that share of
         them (rounded down) may miss it: the slack of the next one."""
-        if not self.count[rank]:
+        load = self.rank(rank)
+        if not load.count:
             return float("inf")
         step = self.step_time(rank, cost)
-        slack = (budget - step * left for budget, left in self.slack[rank])
-        k = int(miss_share * self.count[rank])
+        slack = (budget - step * left for budget, left in load.slack)
+        k = int(miss_share * load.count)
         return max(0.0, heapq.nsmallest(k + 1, slack)[-1] if k else min(slack))

@@ -121,17 +121,18 @@ def consolidate(view: ClusterView, cost: CostModel, default_target: float) -> li
     to a heavier one (no ping-pong). One request per round: a migration occupies both
     instances, and the next round moves the next."""
     load = DecodeLoad.of(view, default_target)
-    homes = sorted((i for i in load.count if i in view.idle), key=lambda i: (load.kv[i], i))
+    ranks = {i: load.rank(i) for i in load.holding & view.idle}
+    homes = sorted(ranks, key=lambda i: (ranks[i].kv, i))
     for src in homes:
-        if src in load.pinned or len(load.alone.get(src, ())) != load.count[src]:
+        if ranks[src].pinned or len(ranks[src].alone) != ranks[src].count:
             continue
-        room = {i: view.free_slots[i] - load.reserve[i] for i in homes}
-        target = {i: load.target(i) for i in homes}
+        room = {i: view.free_slots[i] - ranks[i].reserve for i in homes}
+        target = {i: ranks[i].target for i in homes}
         requests, tokens = Counter(), Counter()
         plan = []
-        for r in sorted(load.alone[src], key=lambda r: -r.context_len):
+        for r in sorted(ranks[src].alone, key=lambda r: -r.context_len):
             need = r.context_len + max(0, r.max_tokens - r.output_len)
-            dst = next((i for i in reversed(homes) if (load.kv[i], i) > (load.kv[src], src) and room[i] >= need
+            dst = next((i for i in reversed(homes) if (ranks[i].kv, i) > (ranks[src].kv, src) and room[i] >= need
                         and load.step_time(i, cost, requests[i] + 1, tokens[i] + r.context_len)
                         <= min(target[i], r.tpot_slo_s or default_target)), None)
             if dst is None:
@@ -141,6 +142,6 @@ def consolidate(view: ClusterView, cost: CostModel, default_target: float) -> li
             requests[dst] += 1
             tokens[dst] += r.context_len
             target[dst] = min(target[dst], r.tpot_slo_s or default_target)
-        if len(plan) == load.count[src]:
+        if len(plan) == ranks[src].count:
             return plan[:1]
     return []
