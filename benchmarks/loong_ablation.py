@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from esp.cli.bench.paper import DATASETS, SYSTEMS, resolve_profile, run_point, share_slos, _load_profile
+from esp.cli.bench.paper import DATASETS, SYSTEMS, resolve_profile, run_point, share_slos
 from esp.cli.bench.workload import load_dataset, make_workload
+from esp.costs.presets import load_profile
 
 PAPER = {"order": "fcfs", "preempt": "always", "spread_kv": False, "consolidate": False, "keep_free": 0}
 VARIANTS = (
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--doc", help="markdown file whose loong-ablation block gets the table")
     args = ap.parse_args(argv)
     profile, _ = resolve_profile(2)
-    slos = share_slos(_load_profile(profile))
+    slos = share_slos(load_profile(profile))
     rows = []
     print(f"{'dataset':9s} {'rate':>6s}  {'variant':38s} {'per-token ms':>12s} {'P90 SLO':>8s} "
           f"{'esp SLO':>8s} {'TPOT<8K ms':>10s}")

@@ -56,6 +56,8 @@ class DecodeLoad:
         self.newest, self.future, self._by_rank = newest, future, by_rank
         self.holding = set(by_rank)
         self._ranks: dict[int, RankLoad] = {}
+        self._tolerance: dict[tuple[int, float], float] = {}  # of `_tolerance_cost`
+        self._tolerance_cost: CostModel | None = None
 
     @classmethod
     def of(cls, view: ClusterView, default_target: float) -> DecodeLoad:
@@ -113,10 +115,16 @@ class DecodeLoad:
         output tokens, if its remaining ones step at the rank's predicted decode step: the least
         slack there (0 when a decode there is already behind). With `miss_share`, that share of
         them (rounded down) may miss it: the slack of the next one."""
-        load = self.rank(rank)
-        if not load.count:
-            return float("inf")
-        step = self.step_time(rank, cost)
-        slack = (budget - step * left for budget, left in load.slack)
-        k = int(miss_share * load.count)
-        return max(0.0, heapq.nsmallest(k + 1, slack)[-1] if k else min(slack))
+        if cost is not self._tolerance_cost:
+            self._tolerance, self._tolerance_cost = {}, cost
+        key = (rank, miss_share)
+        out = self._tolerance.get(key)
+        if out is None:
+            load = self.rank(rank)
+            if not load.count:
+                return float("inf")
+            step = self.step_time(rank, cost)
+            slack = (budget - step * left for budget, left in load.slack)
+            k = int(miss_share * load.count)
+            out = self._tolerance[key] = max(0.0, heapq.nsmallest(k + 1, slack)[-1] if k else min(slack))
+        return out

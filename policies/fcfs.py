@@ -77,14 +77,10 @@ class GreedyScaling(ScalingPolicy):
         free = {i: view.free_slots[i] for i in range(view.num_instances)}
         by_id = {r.request_id: r for r in view.running}
         group = set(batch.group)
-        spare = self.spare(view, group, free)
+        spare = spare_instances(view, group, free)
         masters = {}
         for rid in batch.request_ids:
             master = pick_master(by_id[rid], group, free, spare)
             if master is not None:
                 masters[rid] = master
         return DecodePlan(tuple(sorted(group)), masters)
-
-    def spare(self, view: ClusterView, group: set[int], free: dict[int, int]) -> list[int]:
-        """Idle instances a full decode batch may scale up onto."""
-        return spare_instances(view, group, free)

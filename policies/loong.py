@@ -117,7 +117,7 @@ class LoongScheduling(SchedulingPolicy):
 def dispatch_order(view: ClusterView, cost: CostModel, order: str = "hrrn") -> list[RequestView]:
     """The waiting requests in the order dispatch considers them: `fcfs`, arrival order (the
     paper's), or `hrrn`, highest response ratio first (:class:`ResponseRatio`)."""
-    return ResponseRatio()(view, cost).all() if order == "hrrn" else list(view.waiting)
+    return list(ResponseRatio()(view, cost)) if order == "hrrn" else list(view.waiting)
 
 
 class ResponseRatio:
@@ -178,20 +178,12 @@ class RatioOrder:
     def __init__(self, waiting: tuple[RequestView, ...], index: np.ndarray) -> None:
         self.waiting, self.index = waiting, index
 
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __getitem__(self, k):
-        if isinstance(k, slice):
-            return [self.waiting[i] for i in self.index[k]]
-        return self.waiting[self.index[k]]
+    def __getitem__(self, k: slice) -> list[RequestView]:
+        return [self.waiting[i] for i in self.index[k]]
 
     def __iter__(self):
         waiting = self.waiting
         return (waiting[i] for i in self.index.tolist())
-
-    def all(self) -> list[RequestView]:
-        return list(self)
 
 
 def first_instances(view: ClusterView, cost: CostModel, load: DecodeLoad, heads: list[RequestView], preempt: str,

@@ -7,7 +7,7 @@ from collections import Counter
 
 from esp.costs.cost_model import CostModel
 from esp.policies.base import Batch, ClusterView, DecodePlan, KeepPlan, Migration, PolicyOptions
-from esp.policies.common import first_with_room
+from esp.policies.common import first_with_room, spare_instances
 from esp.policies.decode_load import DecodeLoad
 from esp.policies.fcfs import GreedyScaling
 from esp.policies.loong_options import LoongOptions
@@ -45,7 +45,7 @@ class LoongScaling(GreedyScaling):
             return plan
         free = {i: view.free_slots[i] - load.get(i, 0) for i in range(view.num_instances)}
         group = set(plan.group)
-        spare = self.spare(view, group, free)
+        spare = spare_instances(view, group, free)
         masters = dict(plan.masters)
         for rid, master in plan.masters.items():
             if load[master] <= limit:

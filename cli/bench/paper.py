@@ -58,6 +58,7 @@ import numpy as np
 from esp.cli.bench.metrics import (SLO, Crossing, RequestRecord, attainment, crossing_ratio, first_crossing,
                                    format_ratio, normalized_latencies, paper_goodput_slo)
 from esp.cli.bench.workload import TraceRequest, load_dataset, make_workload
+from esp.costs.presets import load_profile
 
 LATENCY_METRICS = ("per_token", "input", "output")
 METRIC_LABEL = {"per_token": "per-token capacity", "input": "input capacity", "output": "output capacity",
@@ -148,21 +149,13 @@ PAPER_NOTES = ("*: issue 11's range for TP2.SP4 and TP2 x 4 together; the paper'
 
 
 # --------------------------------------------------------------------------- profiles
-def _load_profile(name: str):
-    try:
-        from esp.costs.presets import load_profile
-    except ImportError:  # before the cost-model package existed
-        from esp.policies.presets import load_profile
-    return load_profile(name)
-
-
 def resolve_profile(tp: int, tmpdir: Path | None = None) -> tuple[str, str]:
     """The simulator profile of a TP-`tp` instance and how it was found: the calibrated preset
     `a800-lwm7b-tp{tp}` when it loads; else a roofline with `tp` (written as JSON under `tmpdir`);
     else the one-GPU `a800-lwm7b` preset (TP not modeled)."""
     name = f"a800-lwm7b-tp{tp}"
     try:
-        cost = _load_profile(name)
+        cost = load_profile(name)
         return name, f"{name} ({cost.meta.get('source', 'preset')})"
     except (ValueError, ImportError):
         pass
@@ -349,7 +342,7 @@ def run_figure(name: str, *, quick: bool = False, datasets: Sequence[str] | None
         if tp not in profiles:
             profiles[tp], how[tp] = resolve_profile(tp, tmpdir)
     tp2 = profiles.get(2) or resolve_profile(2, tmpdir)[0]
-    tp2_cost = _load_profile(tp2)
+    tp2_cost = load_profile(tp2)
     log(f"{fig.title}")
     log("profiles: " + "; ".join(f"TP{tp}: {how[tp]}" for tp in sorted(profiles)))
     slos = share_slos(tp2_cost)
@@ -431,7 +424,7 @@ def to_json(result: Result) -> dict:
 def from_json(data: Mapping) -> Result:
     """A :class:`Result` back from :func:`to_json`: every metric recomputed from the records (the
     P90-goodput SLO from today's TP2 profile)."""
-    slos = share_slos(_load_profile(resolve_profile(2)[0]))
+    slos = share_slos(load_profile(resolve_profile(2)[0]))
     curves = {}
     for key, runs in data["runs"].items():
         d, s = key.split("/")
