@@ -225,6 +225,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "slo": 5}, "slo"),
     ("/v1/completions", {"prompt": "x", "slo": {"ttft_ms": -1}}, "slo.ttft_ms"),
     ("/v1/completions", {"prompt": "x", "slo": {"tpot_ms": 0}}, "slo.tpot_ms"),
+    ("/v1/completions", {"prompt": "x", "slo": {"ttft_ms": 5e-324}}, "slo.ttft_ms"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "slo": {"tpot_ms": "fast"}},
      "slo.tpot_ms"),
     ("/v1/completions", b'{"prompt": "x", "temperature": NaN}', None),

@@ -268,10 +268,11 @@ class Object(Spec):
 
 MODEL_DEFAULT = "when absent, the model's generation_config.json value, else {}"
 STREAM_OPTIONS = Object({"include_usage": Field(Boolean(), "send a last chunk with the usage", False)})
+MIN_SLO_MS = 1e-3  # one microsecond: smaller targets underflow seconds and mean nothing
 MAX_SLO_MS = 1e9
 SLO = Object({
-    "ttft_ms": Field(Number(0, MAX_SLO_MS, open_lo=True), "target time to first token, milliseconds"),
-    "tpot_ms": Field(Number(0, MAX_SLO_MS, open_lo=True), "target time per output token, milliseconds"),
+    "ttft_ms": Field(Number(MIN_SLO_MS, MAX_SLO_MS), "target time to first token, milliseconds"),
+    "tpot_ms": Field(Number(MIN_SLO_MS, MAX_SLO_MS), "target time per output token, milliseconds"),
 })
 
 COMMON: dict[str, Field] = {
