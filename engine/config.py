@@ -7,12 +7,17 @@ from importlib.resources import files
 from pathlib import Path
 
 
-def dtype_of(name: str, device: str = "cpu"):
-    """The torch dtype of `--dtype` on a device (auto: bfloat16 on CUDA, float32 on CPU)."""
-    import torch
+def dtype_name(name: str, device: str = "cpu") -> str:
+    """The dtype `--dtype` means on a device (auto: bfloat16 on CUDA, float32 on CPU)."""
     if name == "auto":
-        name = "bfloat16" if device == "cuda" else "float32"
-    return {"float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
+        return "bfloat16" if device == "cuda" else "float32"
+    return name if name in ("float64", "bfloat16", "float16") else "float32"
+
+
+def dtype_of(name: str, device: str = "cpu"):
+    """The torch dtype of `--dtype` on a device."""
+    import torch
+    return getattr(torch, dtype_name(name, device))
 
 
 def available_cpus() -> list[int]:

@@ -15,7 +15,7 @@ from typing import AsyncIterator
 
 from esp.engine.admission import EncodedPrompt, Limits, check_fits, check_queue
 from esp.engine.backend import Backend, BackendError, create_backend
-from esp.engine.config import EngineConfig, dtype_of
+from esp.engine.config import EngineConfig, dtype_name, dtype_of
 from esp.engine.errors import EngineStartError, EngineUnavailable, InvalidRequest, Overloaded
 from esp.engine.model_config import ModelConfig
 from esp.engine.outputs import RequestOutput
@@ -160,7 +160,7 @@ class Engine:
                  m.num_hidden_layers, m.hidden_size, m.vocab_size, m.max_position_embeddings)
         log.info("backend %s on %s: %d instance(s) x %d process(es) (tp) x %d thread(s), dtype %s, "
                  "KV slots per instance %s", c.backend, c.device, c.instances, c.tp, c.threads,
-                 dtype_of(c.dtype, c.device),
+                 dtype_name(c.dtype, c.device),
                  c.kv_tokens_per_instance or "from free memory")
 
     async def stop(self) -> None:

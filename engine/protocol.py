@@ -70,14 +70,20 @@ class DecodeRows:
     next_slots: array = field(default_factory=_q)
 
     def append(self, seq: DecodeSeq) -> None:
-        self.request_ids.append(seq.request_id)
-        self.token_ids.append(seq.token_id)
-        self.positions.append(seq.position)
-        self.masters.append(seq.master)
-        self.slots.append(seq.slot)
-        self.holders.append(sum(1 << r for r in seq.holders))
-        self.indices.append(seq.index)
-        self.next_slots.extend(seq.next_slots)
+        self.add(seq.request_id, seq.token_id, seq.position, seq.master, seq.slot,
+                 sum(1 << r for r in seq.holders), seq.index, seq.next_slots)
+
+    def add(self, request_id: int, token_id: int, position: int, master: int, slot: int, holders: int,
+            index: int, next_slots: Sequence[int] = ()) -> None:
+        """`append` of the row's fields, `holders` already a bit mask."""
+        self.request_ids.append(request_id)
+        self.token_ids.append(token_id)
+        self.positions.append(position)
+        self.masters.append(master)
+        self.slots.append(slot)
+        self.holders.append(holders)
+        self.indices.append(index)
+        self.next_slots.extend(next_slots)
 
     @classmethod
     def of(cls, seqs: Sequence[DecodeSeq]) -> DecodeRows:

@@ -110,7 +110,7 @@ class Request:
     def _changed(self) -> None:
         self.version += 1
         if self.queue is not None:
-            self.queue.epoch += 1
+            self.queue.changed()
 
     # -- lifecycle ----------------------------------------------------------------------
     def enter_step(self) -> None:
@@ -191,6 +191,28 @@ class Request:
                 self.finish("stop")
                 return
         if len(self.output_ids) >= self.params.max_tokens:
+            self.text += self.detokenizer.flush()
+            self.finish("length")
+
+    def extend(self, tokens: list[int]) -> None:
+        """`append` each of `tokens` until the request finishes; with no stop string and no EOS
+        among them, in one go (a simulated round brings many)."""
+        if self.finish_reason:
+            return
+        params = self.params
+        if len(tokens) == 1 or params.stop or not (params.ignore_eos or self.eos_ids.isdisjoint(tokens)):
+            for token in tokens:
+                self.append(token)
+                if self.finish_reason:
+                    return
+            return
+        now = self.clock()
+        self.first_token_at = self.first_token_at or now
+        take = tokens[:params.max_tokens - len(self.output_ids)]
+        self.output_ids.extend(take)
+        self._changed()
+        self.text += self.detokenizer.step(take)
+        if len(self.output_ids) >= params.max_tokens:
             self.text += self.detokenizer.flush()
             self.finish("length")
 

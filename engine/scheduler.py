@@ -10,11 +10,12 @@ from __future__ import annotations
 import time
 from array import array
 from collections import deque
+from itertools import islice
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
-from esp.engine.kv_pool import SlotAllocator
-from esp.engine.protocol import (DecodeBatch, DecodeRows, DecodeSeq, KeepRange, MigrateKV, MixedBatch, PrefillBatch,
+from esp.engine.slot_allocator import SlotAllocator
+from esp.engine.protocol import (DecodeBatch, DecodeRows, KeepRange, MigrateKV, MixedBatch, PrefillBatch,
                                  PrefillSeq, SampleSpec, Step)
 from esp.engine.request import Request, Status
 from esp.engine.validation import (PolicyViolation, check_decode, check_decode_batches, check_dispatch,
@@ -25,26 +26,35 @@ from esp.costs.cost_model import CostModel
 
 class WaitingQueue(deque):
     """The waiting queue. Its `epoch` changes whenever its membership or a member does (a
-    member's own methods bump it through `Request.queue`), so the policies' view of it is
-    rebuilt only then; `tokens` is the members' total length, kept as they come and go (a
-    waiting request gains no tokens)."""
+    member's own methods call `changed` through `Request.queue`), so the policies' view of it
+    is rebuilt only then; `mark` is the epoch of the last change other than an append at the
+    back (a view built at a later epoch only needs the items appended since). `tokens` is the
+    members' total length, kept as they come and go (a waiting request gains no tokens)."""
 
     epoch = 0
+    mark = 0
     tokens = 0
 
-    def _joined(self, item) -> None:
+    def changed(self) -> None:
+        self.epoch += 1
+        self.mark = self.epoch
+
+    def _joined(self, item, at_back: bool = False) -> None:
         item.queue = self
         self.tokens += item.num_tokens
-        self.epoch += 1
+        if at_back:
+            self.epoch += 1
+        else:
+            self.changed()
 
     def _left(self, item) -> None:
         item.queue = None
         self.tokens -= item.num_tokens
-        self.epoch += 1
+        self.changed()
 
     def append(self, item) -> None:
         super().append(item)
-        self._joined(item)
+        self._joined(item, at_back=True)
 
     def appendleft(self, item) -> None:
         super().appendleft(item)
@@ -67,7 +77,7 @@ class WaitingQueue(deque):
             item.queue = None
         super().clear()
         self.tokens = 0
-        self.epoch += 1
+        self.changed()
 
     def popleft(self):
         item = super().popleft()
@@ -96,7 +106,7 @@ class Scheduler:
         self.requests: dict[int, Request] = {}
         self.waiting = WaitingQueue()
         self.running: dict[int, Request] = {}
-        self._waiting_view: tuple[int, tuple[RequestView, ...]] = (-1, ())
+        self._waiting_view: tuple[int, tuple[RequestView, ...], int] = (-1, (), 0)
         self.in_flight: dict[int, InFlight] = {}
         self.releases: dict[int, list[int]] = {}
         self.stuck: list[Request] = []
@@ -148,16 +158,24 @@ class Scheduler:
             waiting=self._waiting_views(now), running=running, cost_model=self.cost_model)
 
     def _waiting_views(self, now: float) -> tuple[RequestView, ...]:
-        epoch, views = self._waiting_view
-        if epoch != self.waiting.epoch:
-            cache, waiting, out = self._views, Status.WAITING, []
-            for r in self.waiting:  # the cache check inlined: this runs over long queues
-                if r.status is waiting:
-                    hit = cache.get(r.id)
-                    out.append(hit[1] if hit is not None and hit[0] == r.version else self._view(r, now))
-            views = tuple(out)
-            self._waiting_view = (self.waiting.epoch, views)
+        epoch, views, size = self._waiting_view
+        queue = self.waiting
+        if epoch != queue.epoch:
+            if queue.mark <= epoch:  # only appended to since
+                views += self._views_of(islice(queue, size, None), now)
+            else:
+                views = self._views_of(queue, now)
+            self._waiting_view = (queue.epoch, views, len(queue))
         return views
+
+    def _views_of(self, requests, now: float) -> tuple[RequestView, ...]:
+        """The views of the waiting ones of `requests`."""
+        cache, waiting, out = self._views, Status.WAITING, []
+        for r in requests:  # the cache check inlined: this runs over long queues
+            if r.status is waiting:
+                hit = cache.get(r.id)
+                out.append(hit[1] if hit is not None and hit[0] == r.version else self._view(r, now))
+        return tuple(out)
 
     def _view(self, r: Request, now: float) -> RequestView:
         """The request's view, rebuilt only after its status, tokens or placement changed."""
@@ -183,9 +201,9 @@ class Scheduler:
             stages.append(self._schedule_decode)
             view = None
             for stage in stages:
-                if len(self.busy) == len(self.allocators):
-                    break
                 view = view or self.view()
+                if not view.idle:
+                    break
                 new = self._guard(stage, view, failed)
                 if new is None or new:  # steps launched or requests rejected: the view is stale
                     steps += new or []
@@ -335,8 +353,8 @@ class Scheduler:
             if master not in req.sampling_on:
                 sampling[rid] = (req.params, req.seed)
                 req.sampling_on.add(master)
-            rows.append(DecodeSeq(rid, req.output_ids[-1], position, master, slots[0], tuple(req.placement),
-                                  len(req.output_ids), tuple(slots[1:])))
+            rows.add(rid, req.output_ids[-1], position, master, slots[0], sum(1 << r for r in req.placement),
+                     len(req.output_ids), slots[1:])
         return rows, sampling
 
     def _free_unused(self, req: Request, step: DecodeBatch, produced: int) -> None:
@@ -439,10 +457,8 @@ class Scheduler:
             if rid in failed and not req.finish_reason:
                 req.finish("error", failed[rid])
             got = sampled.get(rid)
-            for token in (got if isinstance(got, list) else [] if got is None else [got]):
-                if req.finish_reason:
-                    break
-                req.append(token)
+            if got is not None:
+                req.extend(got if isinstance(got, list) else [got])
             if rid in first:
                 if isinstance(step, DecodeBatch) and not req.finish_reason:
                     self._free_unused(req, step, len(req.output_ids) - first[rid])

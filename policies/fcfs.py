@@ -46,7 +46,7 @@ class FCFSBatching(BatchingPolicy):
         return [Batch(dispatch.request_ids, dispatch.instances)]
 
     def decode_batches(self, view: ClusterView, instances: frozenset[int]) -> list[Batch]:
-        ready = [r for r in view.running if set(r.kv_tokens) <= instances]
+        ready = [r for r in view.running if r.kv_tokens.keys() <= instances]
         ready = ready[: self.options.max_batch_size]
         if not ready:
             return []

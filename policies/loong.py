@@ -125,46 +125,58 @@ class ResponseRatio:
     with `T` the request's predicted prefill alone on one instance and `budget` its
     `ttft_slo_s`, else `T`. The paper's metrics average latency normalized by length, so a short
     prompt stuck behind a long one costs the mean far more than the reverse; the ratio grows
-    with waiting, so no request starves. The per-request terms are kept while the queue's view
-    is the same object (the scheduler rebuilds it only when the queue changes)."""
+    with waiting, so no request starves. The per-request terms are columns kept while the
+    queue's view is the same object (the scheduler rebuilds it only when the queue changes);
+    a queue that only grew at its back extends them."""
 
     def __init__(self) -> None:
         self._key: tuple | None = None
-        self._terms: tuple[np.ndarray, np.ndarray] | None = None
-        self._each: dict[int, tuple[RequestView, float, float, float]] = {}
+        self._start = self._budget = self._alone = np.empty(0)
+        self._targeted = np.empty(0, dtype=bool)
         self.shortest = 0.0  # the shortest predicted prefill alone in the queue
         self.any_targeted = False  # whether a request in the queue has a TTFT target
 
     def __call__(self, view: ClusterView, cost: CostModel) -> RatioOrder:
-        start, budget = self.prepare(view, cost)._terms
-        return RatioOrder(view.waiting, np.argsort((start - view.now) / budget, kind="stable"))
+        self.prepare(view, cost)
+        return RatioOrder(view.waiting, np.argsort((self._start - view.now) / self._budget, kind="stable"))
 
     def prepare(self, view: ClusterView, cost: CostModel) -> ResponseRatio:
-        waiting = view.waiting
-        if self._key is None or self._key[0] is not waiting or self._key[1] is not cost:
-            if self._key is None or self._key[1] is not cost:
-                self._each = {}
-            a, b, c = cost.prefill_coefficients(1)
-            each, known = {}, self._each
-            for r in waiting:  # (start, budget) of a request view, kept while the view is the same object
-                hit = known.get(r.request_id)
-                if hit is None or hit[0] is not r:
-                    n = r.prompt_len - sum(r.kv_tokens.values()) if r.kv_tokens else r.prompt_len
-                    alone = a + n * (b + c * n)
-                    hit = (r, r.arrival_s - alone, r.ttft_slo_s or alone, alone)
-                each[r.request_id] = hit
-            self._each, self._key = each, (waiting, cost)
-            terms = np.array([hit[1:] for hit in each.values()], dtype=np.float64).reshape(-1, 3)
-            self._terms = (terms[:, 0], terms[:, 1])
-            self.shortest = float(terms[:, 2].min()) if len(terms) else 0.0
-            self._targeted = np.fromiter((hit[0].ttft_slo_s is not None for hit in each.values()), bool, len(each))
-            self.any_targeted = bool(self._targeted.any())
+        waiting, key = view.waiting, self._key
+        if key is not None and key[0] is waiting and key[1] is cost:
+            return self
+        known = key[0] if key is not None and key[1] is cost else ()
+        k = len(known)
+        if 0 < k <= len(waiting) and waiting[:k] == known:
+            start, budget, alone, targeted = self._columns(waiting[k:], cost)
+            start, budget = np.concatenate((self._start, start)), np.concatenate((self._budget, budget))
+            alone, targeted = np.concatenate((self._alone, alone)), np.concatenate((self._targeted, targeted))
+        else:
+            start, budget, alone, targeted = self._columns(waiting, cost)
+        self._start, self._budget, self._alone, self._targeted = start, budget, alone, targeted
+        self._key = (waiting, cost)
+        self.shortest = float(alone.min()) if len(alone) else 0.0
+        self.any_targeted = bool(targeted.any())
         return self
+
+    @staticmethod
+    def _columns(requests: tuple[RequestView, ...], cost: CostModel) -> tuple[np.ndarray, ...]:
+        """Per request: the time its ratio's clock starts (arrival less `T`), its budget, `T`,
+        and whether it has a TTFT target."""
+        a, b, c = cost.prefill_coefficients(1)
+        flat: list[float] = []
+        add = flat.extend
+        for r in requests:
+            add((r.arrival_s, r.prompt_len - sum(r.kv_tokens.values()) if r.kv_tokens else r.prompt_len,
+                 r.ttft_slo_s or math.nan))
+        arrival, n, target = np.array(flat, dtype=np.float64).reshape(-1, 3).T
+        alone = a + n * (b + c * n)
+        targeted = ~np.isnan(target)
+        return arrival - alone, np.where(targeted, target, alone), alone, targeted
 
     def highest(self, now: float, with_target: bool = False) -> float:
         """The highest response ratio in the queue (`with_target`: among prompts with a TTFT
         target, whose ratio is the share of it used; 0 when none has one)."""
-        start, budget = self._terms
+        start, budget = self._start, self._budget
         if with_target:
             if not self.any_targeted:
                 return 0.0

@@ -78,14 +78,13 @@ def prompt_ids(seed: int, index: int, length: int, vocab: int) -> list[int]:
 async def replay(workload: list[TraceRequest], prompts: list[list[int]], send: Sender,
                  on_done: Callable[[], None] | None = None) -> tuple[list[RequestRecord], float]:
     """Send each request at its ``arrival_s`` (from now) and record it. Returns the records
-    (in workload order) and the run's duration, all on the running loop's clock."""
+    (in workload order) and the run's duration, all on the running loop's clock. One driver
+    sleeps from arrival to arrival and starts each request then, so only the requests under way
+    hold a task or a timer."""
     loop = asyncio.get_running_loop()
     t0 = loop.time()
 
     async def one(req: TraceRequest, prompt: list[int]) -> RequestRecord:
-        delay = t0 + req.arrival_s - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
         times: list[float] = []
         try:
             n, error = await send(prompt, req.output_len, lambda: times.append(loop.time() - t0))
@@ -97,7 +96,18 @@ async def replay(workload: list[TraceRequest], prompts: list[list[int]], send: S
         return RequestRecord(req.input_len, n, req.arrival_s, times[0] if times else None, tuple(times),
                              None if error else end, not error, error)
 
-    records = await asyncio.gather(*(one(r, p) for r, p in zip(workload, prompts)))
+    started: dict[int, asyncio.Task] = {}
+    try:
+        for i in sorted(range(len(workload)), key=lambda i: workload[i].arrival_s):
+            delay = t0 + workload[i].arrival_s - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            started[i] = asyncio.create_task(one(workload[i], prompts[i]))
+        records = await asyncio.gather(*(started[i] for i in range(len(workload))))
+    except BaseException:
+        for task in started.values():
+            task.cancel()
+        raise
     return list(records), loop.time() - t0
 
 
