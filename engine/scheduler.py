@@ -150,12 +150,16 @@ class Scheduler:
     # -- schedule -----------------------------------------------------------------------
     def view(self) -> ClusterView:
         now = self.clock()
-        running = tuple(self._view(r, now) for r in self.running.values() if r.status is Status.RUNNING)
+        cache, status, running = self._views, Status.RUNNING, []
+        for r in self.running.values():
+            if r.status is status:
+                hit = cache.get(r.id)
+                running.append(hit[1] if hit is not None and hit[0] == r.version else self._view(r, now))
         return ClusterView(
             now=now, capacity=tuple(a.num_slots for a in self.allocators),
             free_slots=tuple(a.num_free for a in self.allocators),
             idle=frozenset(range(len(self.allocators))) - self.busy,
-            waiting=self._waiting_views(now), running=running, cost_model=self.cost_model)
+            waiting=self._waiting_views(now), running=tuple(running), cost_model=self.cost_model)
 
     def _waiting_views(self, now: float) -> tuple[RequestView, ...]:
         epoch, views, size = self._waiting_view
@@ -313,8 +317,8 @@ class Scheduler:
                 continue
             if plan.masters:
                 steps.append(self._decode_step(batch, plan))
-                view = replace(view, idle=view.idle - set(plan.group),
-                               free_slots=tuple(a.num_free for a in self.allocators))
+                view = ClusterView(view.now, view.capacity, tuple(a.num_free for a in self.allocators),
+                                   view.idle - set(plan.group), view.waiting, view.running, view.cost_model)
         return steps
 
     def _decode_step(self, batch: Batch, plan: DecodePlan) -> DecodeBatch:

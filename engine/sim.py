@@ -180,6 +180,27 @@ def _set_result(future: asyncio.Future, value: object) -> None:
         future.set_result(value)
 
 
+class _Round:
+    """A multi-step round in flight: `done` resolves to the iterations it ran, at the end of
+    its last iteration (all of them, or the one in progress when `cut`)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, ends: list[float]) -> None:
+        self.loop, self.ends, self.start = loop, ends, loop.time()
+        self.done = loop.create_future()
+        self._timer = loop.call_at(self.start + ends[-1], _set_result, self.done, len(ends))
+
+    def cut(self) -> None:
+        """End after the iteration in progress."""
+        iterations = min(len(self.ends), bisect_left(self.ends, self.loop.time() - self.start) + 1)
+        if iterations < len(self.ends):
+            self._timer.cancel()
+            self._timer = self.loop.call_at(self.start + self.ends[iterations - 1], _set_result, self.done,
+                                            iterations)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
 class SimBackend:
     """Stands where `WorkerGroup` stands: `run(step)` sleeps the predicted step time on the
     loop's clock and returns a token for every request the step samples.
@@ -195,7 +216,7 @@ class SimBackend:
         self.dead: str | None = None
         self.on_failure = None
         self.on_tokens = None
-        self._rounds: list[asyncio.Future] = []  # rounds in flight, woken by an arrival
+        self._rounds: list[_Round] = []  # rounds in flight, cut by an arrival
 
     @classmethod
     def for_config(cls, config, model, cost: CostModel) -> SimBackend:
@@ -213,9 +234,8 @@ class SimBackend:
         return None
 
     def new_work(self) -> None:
-        for wake in self._rounds:
-            if not wake.done():
-                wake.set_result(True)
+        for round_ in self._rounds:
+            round_.cut()
         self._rounds = []
 
     async def run(self, step: Step) -> StepResult:
@@ -226,23 +246,14 @@ class SimBackend:
         return StepResult(step.step_id, dict.fromkeys(sampled_ids(step), SIM_TOKEN), seconds, 0.0)
 
     async def _round(self, step: DecodeBatch) -> StepResult:
-        ends = list(accumulate(iteration_times(step, self.cost)))
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        wake = loop.create_future()  # True: a request arrived; False: the round ran to its end
-        timer = loop.call_at(start + ends[-1], _set_result, wake, False)
-        self._rounds.append(wake)
+        round_ = _Round(asyncio.get_running_loop(), list(accumulate(iteration_times(step, self.cost))))
+        self._rounds.append(round_)
         try:
-            arrived = await wake
+            done = await round_.done
         finally:
-            timer.cancel()
-        if not arrived:
-            done = step.steps
-        else:
-            done = min(step.steps, bisect_left(ends, loop.time() - start) + 1)
-            await asyncio.sleep(max(0.0, start + ends[done - 1] - loop.time()))
-        return StepResult(step.step_id, dict.fromkeys(sampled_ids(step), [SIM_TOKEN] * done), ends[done - 1], 0.0,
-                          iterations=done)
+            round_.cancel()
+        return StepResult(step.step_id, dict.fromkeys(sampled_ids(step), [SIM_TOKEN] * done), round_.ends[done - 1],
+                          0.0, iterations=done)
 
     def end_round(self, step_id: int) -> None:
         """Simulated rounds report their tokens at the end; only arrivals end them early."""

@@ -42,7 +42,7 @@ class DecodeLoad:
 
     def __init__(self, running: tuple[RequestView, ...], default_target: float, now: float = 0.0) -> None:
         self.default_target, self.now = default_target, now
-        newest: Counter = Counter()
+        newest: dict[int, int] = {}
         by_rank: dict[int, list[RequestView]] = {}
         future = 0
         for r in running:  # the one pass every dispatch needs; per-rank sums wait until asked for
@@ -51,9 +51,12 @@ class DecodeLoad:
             if held:
                 future -= sum(held.values())
                 for rank in held:
-                    by_rank.setdefault(rank, []).append(r)
-                newest[rank] += 1  # the last holder is the newest token's
-        self.newest, self.future, self._by_rank = newest, future, by_rank
+                    if rank in by_rank:
+                        by_rank[rank].append(r)
+                    else:
+                        by_rank[rank] = [r]
+                newest[rank] = newest.get(rank, 0) + 1  # the last holder is the newest token's
+        self.newest, self.future, self._by_rank = Counter(newest), future, by_rank
         self.holding = set(by_rank)
         self._ranks: dict[int, RankLoad] = {}
         self._tolerance: dict[tuple[int, float], float] = {}  # of `_tolerance_cost`
