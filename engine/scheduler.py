@@ -155,11 +155,10 @@ class Scheduler:
             if r.status is status:
                 hit = cache.get(r.id)
                 running.append(hit[1] if hit is not None and hit[0] == r.version else self._view(r, now))
-        return ClusterView(
-            now=now, capacity=tuple(a.num_slots for a in self.allocators),
-            free_slots=tuple(a.num_free for a in self.allocators),
-            idle=frozenset(range(len(self.allocators))) - self.busy,
-            waiting=self._waiting_views(now), running=tuple(running), cost_model=self.cost_model)
+        allocators, busy = self.allocators, self.busy
+        return ClusterView(now, tuple([a.num_slots for a in allocators]), tuple([a.num_free for a in allocators]),
+                           frozenset([i for i in range(len(allocators)) if i not in busy]),
+                           self._waiting_views(now), tuple(running), self.cost_model)
 
     def _waiting_views(self, now: float) -> tuple[RequestView, ...]:
         epoch, views, size = self._waiting_view
@@ -317,7 +316,7 @@ class Scheduler:
                 continue
             if plan.masters:
                 steps.append(self._decode_step(batch, plan))
-                view = ClusterView(view.now, view.capacity, tuple(a.num_free for a in self.allocators),
+                view = ClusterView(view.now, view.capacity, tuple([a.num_free for a in self.allocators]),
                                    view.idle - set(plan.group), view.waiting, view.running, view.cost_model)
         return steps
 
@@ -361,14 +360,12 @@ class Scheduler:
                      len(req.output_ids), slots[1:])
         return rows, sampling
 
-    def _free_unused(self, req: Request, step: DecodeBatch, produced: int) -> None:
+    def _free_unused(self, req: Request, step: DecodeBatch, master: int, produced: int) -> None:
         """A multi-step round that ended early (the simulator's, on a new arrival) leaves the
         slots of its unrun iterations at the end of the master's placement: free them."""
         surplus = step.steps - produced
-        if surplus <= 0:
-            return
-        master = step.rows.masters[step.rows.request_ids.index(req.id)]
-        self.allocators[master].free(req.drop_last(master, surplus))
+        if surplus > 0:
+            self.allocators[master].free(req.drop_last(master, surplus))
 
     def _schedule_migrations(self, view: ClusterView) -> list[Step]:
         if not view.running:
@@ -452,7 +449,8 @@ class Scheduler:
             return [req] if req.finish_reason else []
         failed = failed or {}
         rows = step.rows if isinstance(step, DecodeBatch) else step.decode if isinstance(step, MixedBatch) else None
-        first = dict(zip(rows.request_ids, rows.indices)) if rows is not None else {}
+        first = {rid: (index, master) for rid, index, master in zip(rows.request_ids, rows.indices, rows.masters)} \
+            if rows is not None else {}
         prompts = () if isinstance(step, DecodeBatch) else step.seqs
         expected = set(first) | {q.request_id for q in prompts if q.sample is not None}
         touched = []
@@ -463,10 +461,13 @@ class Scheduler:
             got = sampled.get(rid)
             if got is not None:
                 req.extend(got if isinstance(got, list) else [got])
-            if rid in first:
+            row = first.get(rid)
+            if row is not None:
+                produced = len(req.output_ids) - row[0]
                 if isinstance(step, DecodeBatch) and not req.finish_reason:
-                    self._free_unused(req, step, len(req.output_ids) - first[rid])
-                self._record_decode(req, step, len(req.output_ids) - first[rid])
+                    self._free_unused(req, step, row[1], produced)
+                req.esp.decode_groups[tuple(step.group)] += produced
+                req.esp.masters[row[1]] += produced
             _record(req, flight.records.get(rid, ()))
             samples = rid in expected
             req.leave_step(samples)
@@ -478,12 +479,6 @@ class Scheduler:
                 continue  # a chunk that does not end its prompt
             touched.append(req)
         return touched
-
-    def _record_decode(self, req: Request, step: DecodeBatch | MixedBatch, produced: int) -> None:
-        rows = step.rows if isinstance(step, DecodeBatch) else step.decode
-        master = rows.masters[rows.request_ids.index(req.id)]
-        req.esp.decode_groups[tuple(step.group)] += produced
-        req.esp.masters[master] += produced
 
     def fail(self, step_id: int, message: str, max_failures: int = 2) -> list[Request]:
         """A step failed in the backend. Its requests go back to the waiting queue to be

@@ -3,15 +3,13 @@ what follows from it: how fast an instance's decodes step and how long they can 
 from __future__ import annotations
 
 import heapq
-from collections import Counter
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from esp.costs.cost_model import CostModel
 from esp.policies.base import ClusterView, RequestView
 
 
-@dataclass(frozen=True)
-class RankLoad:
+class RankLoad(NamedTuple):
     """The decodes holding KV on one rank: `kv` tokens, `count` requests, `reserve` (the tokens
     they may still generate), `inverse_left` (the sum of 1 / that, each at least 1), `slack` (per
     request, `(budget, left)`: its TPOT target times all the tokens it may generate after its
@@ -29,6 +27,13 @@ class RankLoad:
     pinned: bool = False
 
 
+class _Counts(dict):
+    """Counts by rank; a rank not counted has 0."""
+
+    def __missing__(self, key: int) -> int:
+        return 0
+
+
 class DecodeLoad:
     """Over the running requests: `newest` (per rank, those whose next token lands there),
     `holding` (the ranks with decode KV), `future` (the KV they may all still add), and per rank
@@ -42,7 +47,7 @@ class DecodeLoad:
 
     def __init__(self, running: tuple[RequestView, ...], default_target: float, now: float = 0.0) -> None:
         self.default_target, self.now = default_target, now
-        newest: dict[int, int] = {}
+        newest = _Counts()
         by_rank: dict[int, list[RequestView]] = {}
         future = 0
         for r in running:  # the one pass every dispatch needs; per-rank sums wait until asked for
@@ -56,7 +61,7 @@ class DecodeLoad:
                     else:
                         by_rank[rank] = [r]
                 newest[rank] = newest.get(rank, 0) + 1  # the last holder is the newest token's
-        self.newest, self.future, self._by_rank = Counter(newest), future, by_rank
+        self.newest, self.future, self._by_rank = newest, future, by_rank
         self.holding = set(by_rank)
         self._ranks: dict[int, RankLoad] = {}
         self._tolerance: dict[tuple[int, float], float] = {}  # of `_tolerance_cost`
