@@ -22,7 +22,7 @@ def _require(ok: bool, policy: object, rule: str | Callable[[], str], request_id
 
 
 def check_dispatch(policy: object, view: ClusterView, d: Dispatch) -> None:
-    waiting = {r.request_id for r in view.waiting}
+    waiting = view.waiting_by_id.keys()
     ids = d.request_ids
     _require(len(set(ids)) == len(ids), policy, "a request is dispatched twice", ids)
     _require(set(ids) <= waiting, policy, "dispatched a request that is not waiting", ids)
@@ -70,7 +70,7 @@ def check_keep_plan(p: PolicySet, view: ClusterView, d: Dispatch, batch: Batch, 
 
 def check_chunks(policy: object, view: ClusterView, batch: Batch, ids) -> None:
     """Chunks and decode riders: sizes within the prompt, on the one instance holding the prefix."""
-    by_id = {r.request_id: r for r in view.waiting}
+    by_id = view.waiting_by_id
     _require(set(batch.chunk_tokens) <= set(batch.request_ids), policy,
              "chunk sizes are given for requests outside the batch", ids)
     for rid, n in batch.chunk_tokens.items():
@@ -88,14 +88,14 @@ def check_chunks(policy: object, view: ClusterView, batch: Batch, ids) -> None:
 
 def check_riders(policy: object, view: ClusterView, batches: list[Batch]) -> None:
     riders = [rid for b in batches for rid in b.decode_ids]
-    running = {r.request_id for r in view.running}
+    running = view.running_by_id.keys()
     _require(len(set(riders)) == len(riders) and set(riders) <= running, policy,
              "decode riders name a request twice or one that is not running", riders)
 
 
 def check_decode_batches(policy: object, view: ClusterView, batches: list[Batch]) -> None:
     ids = [rid for b in batches for rid in b.request_ids]
-    running = {r.request_id for r in view.running}
+    running = view.running_by_id.keys()
     _require(len(set(ids)) == len(ids) and set(ids) <= running, policy,
              "decode batches name a request twice or one that is not running", ids)
     check_groups(policy, view, [b.group for b in batches], ids)
@@ -105,7 +105,7 @@ def check_decode(p: PolicySet, view: ClusterView, batch: Batch, plan: DecodePlan
     """One batch's plan, against the view it was planned on (earlier batches' groups busy).
     Decode riders of a prefill step keep its group (`fixed_group`)."""
     ids = batch.request_ids
-    running = {r.request_id: r for r in view.running}
+    running = view.running_by_id
     if fixed_group:
         _require(set(plan.group) == set(batch.group), p.scaling,
                  lambda: f"decode riders must stay on their prefill group {batch.group}, not {plan.group}", ids)
@@ -124,7 +124,7 @@ def check_decode(p: PolicySet, view: ClusterView, batch: Batch, plan: DecodePlan
 
 
 def check_migrations(policy: object, view: ClusterView, moves: list[Migration]) -> None:
-    running = {r.request_id: r for r in view.running}
+    running = view.running_by_id
     ids = [m.request_id for m in moves]
     _require(len(set(ids)) == len(ids), policy, "a request is migrated twice in one plan", ids)
     check_groups(policy, view, [(m.src, m.dst) for m in moves], ids)

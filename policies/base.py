@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
@@ -64,6 +65,16 @@ class ClusterView:
     def num_instances(self) -> int:
         return len(self.capacity)
 
+    @cached_property
+    def waiting_by_id(self) -> Mapping[int, RequestView]:
+        """`waiting` by request id (built once per view, on first use)."""
+        return MappingProxyType({r.request_id: r for r in self.waiting})
+
+    @cached_property
+    def running_by_id(self) -> Mapping[int, RequestView]:
+        """`running` by request id (built once per view, on first use)."""
+        return MappingProxyType({r.request_id: r for r in self.running})
+
 
 @dataclass(frozen=True)
 class Dispatch:
@@ -90,7 +101,7 @@ class Batch:
 
     def prefill_tokens(self, view: ClusterView) -> dict[int, int]:
         """Prompt tokens this step processes for each request."""
-        waiting = {r.request_id: r for r in view.waiting}
+        waiting = view.waiting_by_id
         return {rid: self.chunk_tokens.get(rid, waiting[rid].remaining_prompt) for rid in self.request_ids}
 
 

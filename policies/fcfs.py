@@ -60,7 +60,7 @@ class GreedyScaling(ScalingPolicy):
 
     def keep_plan(self, view: ClusterView, batch: Batch) -> KeepPlan:
         free = {i: view.free_slots[i] for i in batch.group}
-        by_id = {r.request_id: r for r in view.waiting}
+        by_id = view.waiting_by_id
         ranges = {}
         for rid in batch.request_ids:
             left, parts = by_id[rid].prompt_len, []
@@ -75,7 +75,7 @@ class GreedyScaling(ScalingPolicy):
 
     def decode_plan(self, view: ClusterView, batch: Batch) -> DecodePlan:
         free = {i: view.free_slots[i] for i in range(view.num_instances)}
-        by_id = {r.request_id: r for r in view.running}
+        by_id = view.running_by_id
         group = set(batch.group)
         spare = spare_instances(view, group, free)
         masters = {}

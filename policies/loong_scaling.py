@@ -40,6 +40,8 @@ class LoongScaling(GreedyScaling):
             return holders_only(view, batch)
         plan = super().decode_plan(view, batch)
         limit = self.loong.max_batch_per_master
+        if len(plan.masters) <= limit:  # no master can have more
+            return plan
         load = Counter(plan.masters.values())
         if all(n <= limit for n in load.values()):
             return plan
@@ -86,7 +88,7 @@ def spread(view: ClusterView, batch: Batch, plan: KeepPlan, cost: CostModel, def
     """Re-plan the requests of `plan` whose predicted decode step (alone, on the busiest holder)
     misses their TPOT target: an even split over the fewest group members that meets it (or
     all of them), most free slots first, when those have room."""
-    waiting = {r.request_id: r for r in view.waiting}
+    waiting = view.waiting_by_id
     free = {i: view.free_slots[i] for i in batch.group}
     for parts in plan.ranges.values():
         for rank, n in parts:
