@@ -90,13 +90,19 @@ class Request:
         if self.arrival is None:
             self.arrival = self.clock()
 
-    @property
-    def all_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
+    def token_slice(self, start: int, end: int):
+        """Tokens `[start, end)` of the prompt followed by the output, without joining the two
+        (a prompt may be 500K tokens)."""
+        prompt = self.prompt_ids
+        if end <= len(prompt):
+            return prompt[start:end]
+        if start >= len(prompt):
+            return self.output_ids[start - len(prompt):end - len(prompt)]
+        return prompt[start:] + self.output_ids[:end - len(prompt)]
 
     @property
     def num_tokens(self) -> int:
-        """len(all_ids), without building the list."""
+        """Prompt plus output tokens."""
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property

@@ -72,6 +72,20 @@ class WaitingQueue(deque):
         super().remove(item)
         self._left(item)
 
+    def remove_all(self, items: list) -> None:
+        """`remove` each of `items` (members), in one pass over the queue."""
+        if not items:
+            return
+        if len(items) == 1:
+            self.remove(items[0])
+            return
+        gone = set(items)
+        kept = [x for x in self if x not in gone]
+        super().clear()
+        super().extend(kept)
+        for item in items:
+            self._left(item)
+
     def clear(self) -> None:
         for item in self:
             item.queue = None
@@ -261,7 +275,7 @@ class Scheduler:
 
     def _prefill_step(self, batch: Batch, ranges, riders: DecodePlan | None) -> PrefillBatch | MixedBatch:
         """Prefill (or a chunk of it: tokens after the KV a request holds) with decode riders."""
-        seqs, records = [], {}
+        seqs, records, prefilled = [], {}, []
         for rid in batch.request_ids:
             req = self.requests[rid]
             first = start = req.num_kv
@@ -269,7 +283,7 @@ class Scheduler:
             final = end == req.num_tokens
             req.enter_step()
             if final:
-                self.waiting.remove(req)
+                prefilled.append(req)
                 self.running[rid] = req
                 req.sampling_on.update(batch.group)
             if req.scheduled_at is None:
@@ -284,8 +298,9 @@ class Scheduler:
             if first or not final:
                 record["chunk"] = [first, end]
             records[rid] = [record]
-            seqs.append(PrefillSeq(rid, req.all_ids[first:end], tuple(keep),
+            seqs.append(PrefillSeq(rid, req.token_slice(first, end), tuple(keep),
                                    self._sample_spec(req) if final else None, first))
+        self.waiting.remove_all(prefilled)
         ids = batch.request_ids
         if riders or any(s.start or s.sample is None for s in seqs):
             rows, sampling = self._decode_rows(batch.decode_ids, riders, records=records) \

@@ -361,3 +361,12 @@ def test_a_request_a_stage_rejects_is_not_planned_by_the_next_stage():
     s.add(good)
     (step,), failed = s.schedule()
     assert not failed and step.seqs[0].request_id == 2
+
+
+def test_token_slices_equal_slices_of_the_prompt_followed_by_the_output():
+    req = make_request(1, 6, max_tokens=8)
+    req.extend([40, 41, 42])
+    joined = req.prompt_ids + req.output_ids
+    for start in range(len(joined)):
+        for end in range(start + 1, len(joined) + 1):
+            assert req.token_slice(start, end) == joined[start:end], (start, end)
