@@ -86,6 +86,7 @@ class LoongScheduling(SchedulingPolicy):
         room_now = sum(view.free_slots[i] - load.newest[i] for i in instances)
         room_future = sum(view.free_slots) - load.future
         chosen: list[int] = []
+        chosen_views: dict[int, RequestView] = {}
         lengths: list[int] = []
         tokens = squares = skipped = 0
         for req in order:
@@ -101,6 +102,7 @@ class LoongScheduling(SchedulingPolicy):
                     tokens + n, squares + n * n, len(chosen) + 1, len(instances)) > max_s):
                 break
             chosen.append(req.request_id)
+            chosen_views[req.request_id] = req
             lengths.append(n)
             tokens, squares = tokens + n, squares + n * n
             room_now -= n + 1
@@ -110,7 +112,10 @@ class LoongScheduling(SchedulingPolicy):
         more = allocate_instances(view, cost, load, lengths, instances, decoding, opts.preempt,
                                   opts.pause_miss_share)
         if opts.keep_free:
-            more = keep_room(view, cost, load, lengths, more, opts.keep_free, opts.keep_free_after_s)
+            kept = room_for_arrivals(view, cost, load, [chosen_views[rid] for rid in chosen], more, opts)
+            if kept is None:
+                return Dispatch()
+            chosen, more = [r.request_id for r in kept[0]], kept[1]
         return Dispatch(tuple(chosen), tuple(sorted(more)))
 
 
@@ -231,14 +236,15 @@ def first_instances(view: ClusterView, cost: CostModel, load: DecodeLoad, heads:
 
 
 def keep_room(view: ClusterView, cost: CostModel, load: DecodeLoad, lengths: list[int], chosen: list[int],
-              keep: int, after_s: float) -> list[int]:
+              keep: int, after_s: float) -> tuple[list[int], bool]:
     """Leave `keep` instances that hold no decode out of a prefill predicted to take longer than
     `after_s`, for the work that arrives meanwhile (replicas never block a short prompt behind a
     long one; an ESP group of every instance does). The instances left out are the decoding ones
-    first, then those with the fewest free slots, while the rest still hold the batch's KV."""
+    first, then those with the fewest free slots, while the rest still hold the batch's KV.
+    Returns the instances and whether the room is kept (a one-instance prefill always keeps it)."""
     free_elsewhere = sum(1 for i in view.idle - set(chosen) if i not in load.holding)
     if free_elsewhere >= keep or len(chosen) < 2 or cost.prefill_time(lengths, len(chosen)) <= after_s:
-        return chosen
+        return chosen, True
     need = sum(lengths) + len(lengths)
     out = sorted(chosen, key=lambda i: (i not in load.holding, view.free_slots[i], -i))
     while free_elsewhere < keep and len(out) > 1:
@@ -247,7 +253,28 @@ def keep_room(view: ClusterView, cost: CostModel, load: DecodeLoad, lengths: lis
             break
         free_elsewhere += out[0] not in load.holding
         out = rest
-    return out
+    return out, free_elsewhere >= keep or len(out) < 2
+
+
+def room_for_arrivals(view: ClusterView, cost: CostModel, load: DecodeLoad, batch: list[RequestView],
+                      instances: list[int], opts: LoongOptions) -> tuple[list[RequestView], list[int]] | None:
+    """The batch and its instances after :func:`keep_room`. When the room cannot be kept (the
+    batch's KV needs every idle instance), its long prompts (a prefill alone longer than
+    `keep_free_after_s`) wait and the others go on, unless one of them has waited
+    `keep_free_patience` times its prefill alone; None: the whole batch waits. Two 400K-token
+    prompts on two instance pairs otherwise hold every instance for half a minute."""
+    while True:
+        lengths = [r.prompt_len for r in batch]
+        kept, room_kept = keep_room(view, cost, load, lengths, instances, opts.keep_free, opts.keep_free_after_s)
+        if room_kept:
+            return batch, kept
+        alone = [cost.prefill_time([n], 1) for n in lengths]
+        long_ = [(r, t) for r, t in zip(batch, alone) if t > opts.keep_free_after_s]
+        if not long_ or any(view.now - r.arrival_s >= opts.keep_free_patience * t for r, t in long_):
+            return batch, kept
+        if len(long_) == len(batch):
+            return None
+        batch = [r for r, t in zip(batch, alone) if t <= opts.keep_free_after_s]
 
 
 def allocate_instances(view: ClusterView, cost: CostModel, load: DecodeLoad, lengths: list[int],

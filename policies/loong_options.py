@@ -8,7 +8,7 @@ from typing import Mapping
 from esp.policies.registry import PolicyError
 
 ORDERS = ("hrrn", "fcfs")
-ZERO_ALLOWED = ("lookahead", "keep_free", "pause_miss_share", "slo_urgency")
+ZERO_ALLOWED = ("lookahead", "keep_free", "keep_free_patience", "pause_miss_share", "slo_urgency")
 PREEMPTS = ("tolerable", "always", "never")
 
 
@@ -33,6 +33,10 @@ class LoongOptions:
       TPOT target (0: none);
     - `keep_free`, `keep_free_after_s`: a prefill predicted to take longer than the latter leaves
       the former number of decode-free instances out, for work that arrives meanwhile (0: off);
+    - `keep_free_patience`: when the room cannot be kept (the prompt's KV needs every idle
+      instance), prompts whose prefill alone would take longer than `keep_free_after_s` wait, and
+      the batch goes on with the others, until one of them has waited this many times its
+      prefill alone on one instance (0: they never wait);
     - `tpot_target_s`: the decode step time (TPOT) pauses, consolidation and KV spreading aim to
       keep; a request's own `slo.tpot_ms` replaces it for that request;
     - `consolidate`: migrate decodes off lightly loaded instances (see `consolidate`);
@@ -51,6 +55,7 @@ class LoongOptions:
     slo_urgency: float = 0.8
     keep_free: int = 1
     keep_free_after_s: float = 1.0
+    keep_free_patience: float = 2.0
     tpot_target_s: float = 0.05
     consolidate: bool = True
     spread_kv: bool = True

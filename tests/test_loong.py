@@ -213,9 +213,25 @@ def test_a_long_prefill_leaves_an_instance_free_for_what_arrives_meanwhile():
     assert len(kept) == 3
     assert LoongScheduling(PolicyOptions(extra={"keep_free_after_s": t4 / 2, "keep_free": 0})).dispatch(v).instances \
         == (0, 1, 2, 3)
-    # not when the other three could not hold its KV
+    # when the other three could not hold its KV, it waits (keep_free_patience 0: it does not)
     tight = view([req(1, 9000)], free=(3000,) * 4)
-    assert LoongScheduling(PolicyOptions(extra={"keep_free_after_s": t4 / 2})).dispatch(tight).instances == (0, 1, 2, 3)
+    assert LoongScheduling(PolicyOptions(extra={"keep_free_after_s": t4 / 2, "keep_free_patience": 0})) \
+        .dispatch(tight).instances == (0, 1, 2, 3)
+    assert LoongScheduling(PolicyOptions(extra={"keep_free_after_s": t4 / 2})).dispatch(tight).request_ids == ()
+
+
+def test_a_long_prompt_that_would_take_every_instance_waits_and_short_ones_go_on():
+    """The room cannot be kept: the long prompt's KV needs every idle instance. It waits while a
+    short prompt behind it goes, until it has waited twice its prefill alone (the default)."""
+    long_, short = req(1, 9000, arrival=0.0), req(2, 100, arrival=0.5)
+    alone, t4 = COST.prefill_time([9000], 1), COST.prefill_time([9000], 4)
+    policy = LoongScheduling(PolicyOptions(extra={"keep_free_after_s": t4 / 2}))
+    for now, expected in ((1.0, (2,)), (2 * alone - 0.01, (2,)), (2 * alone, (1, 2))):
+        got = policy.dispatch(view([long_, short], free=(3000,) * 4, now=now)).request_ids
+        assert sorted(got) == list(expected), now
+    assert policy.dispatch(view([long_], free=(3000,) * 4, now=1.0)).request_ids == ()
+    assert sorted(LoongScheduling(PolicyOptions(extra={"keep_free_after_s": t4 / 2, "keep_free_patience": 0})).dispatch(
+        view([long_, short], free=(3000,) * 4, now=1.0)).request_ids) == [1, 2]
 
 
 def test_a_prompt_about_to_miss_its_ttft_target_takes_a_decoding_instance():
@@ -226,3 +242,41 @@ def test_a_prompt_about_to_miss_its_ttft_target_takes_a_decoding_instance():
                  idle=frozenset({0}), now=waited)
         assert LoongScheduling(PolicyOptions()).dispatch(v).request_ids == expected
         assert LoongScheduling(PolicyOptions(extra={"slo_urgency": 0})).dispatch(v).request_ids == ()
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from esp.policies.loong import ResponseRatio  # noqa: E402
+
+_EDITS = st.lists(st.tuples(st.sampled_from(["drop", "append", "replace", "rotate"]),
+                            st.integers(0, 10_000), st.integers(1, 40)), min_size=1, max_size=12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(size=st.integers(0, 150) | st.integers(64, 150), edits=_EDITS)
+def test_response_ratio_columns_kept_across_queue_changes_equal_fresh_ones(size, edits):
+    """One ResponseRatio fed a queue that loses, gains and changes members (the views of a
+    changed request are new objects) orders it as a fresh one does, each time."""
+    next_id = iter(range(size, 10**6))
+    queue = [req(i, 50 + 37 * i % 9000, arrival=0.01 * i) for i in range(size)]
+    kept = ResponseRatio()
+    for kind, at, n in edits:
+        if kind == "drop" and queue:
+            del queue[at % len(queue): at % len(queue) + n]
+        elif kind == "append":
+            queue += [req(next(next_id), 100 + 13 * at % 5000, arrival=0.01 * size) for _ in range(n)]
+        elif kind == "replace" and queue:
+            i = at % len(queue)
+            old = queue[i]
+            queue[i] = replace(old, prompt_len=old.prompt_len + n, kv_tokens=MappingProxyType({0: n // 2}),
+                               ttft_slo_s=float(n) if n % 2 else None)
+        elif kind == "rotate" and queue:
+            queue = queue[at % len(queue):] + queue[:at % len(queue)]
+        v = view(queue, now=5.0 + at / 1000)
+        fresh = ResponseRatio()
+        assert [r.request_id for r in kept(v, COST)] == [r.request_id for r in fresh(v, COST)]
+        for name in ("_start", "_budget", "_alone", "_targeted"):
+            assert getattr(kept, name).tolist() == getattr(fresh, name).tolist()
+        assert (kept.shortest, kept.any_targeted) == (fresh.shortest, fresh.any_targeted)
+        assert kept.highest(v.now, with_target=True) == fresh.highest(v.now, with_target=True)
+
