@@ -32,7 +32,8 @@ VARIANTS = (
     ("+ response-ratio order", PAPER | {"order": "hrrn"}),
     ("+ pauses decodes tolerate", PAPER | {"order": "hrrn", "preempt": "tolerable"}),
     ("+ KV spread, consolidation", {"keep_free": 0}),
-    ("+ room for arrivals (default)", {}),
+    ("+ room for arrivals", {"keep_free_patience": 0}),
+    ("+ long prompts wait for room (default)", {}),
     ("default, FCFS order", {"order": "fcfs"}),
 )
 #: (dataset, rate): near where vLLM-TP8 and chunked-TP8 cross the per-token SLO (docs/results.md)

@@ -82,14 +82,39 @@ class LoongScheduling(SchedulingPolicy):
                                                      opts.pause_miss_share)
         if not instances:
             return Dispatch()
+        batch = self._select(view, cost, load, order, instances, pause)
+        if not batch:
+            return Dispatch()
+        more = allocate_instances(view, cost, load, [r.prompt_len for r in batch], instances, decoding,
+                                  opts.preempt, opts.pause_miss_share)
+        if opts.keep_free:
+            kept = room_for_arrivals(view, cost, load, batch, more, opts)
+            if kept is None:  # its prompts are all long and wait for room: the short ones after them go
+                after_s = opts.keep_free_after_s
+                batch = self._select(view, cost, load, order, instances, pause,
+                                     skip=lambda r: cost.prefill_time([r.prompt_len], 1) > after_s)
+                if not batch:
+                    return Dispatch()
+                more = allocate_instances(view, cost, load, [r.prompt_len for r in batch], instances, decoding,
+                                          opts.preempt, opts.pause_miss_share)
+                kept = room_for_arrivals(view, cost, load, batch, more, opts)
+            batch, more = kept
+        return Dispatch(tuple(r.request_id for r in batch), tuple(sorted(more)))
+
+    def _select(self, view: ClusterView, cost: CostModel, load: DecodeLoad, order, instances: list[int],
+                pause: float, skip=None) -> list[RequestView]:
+        """Step 1's batch: prompts in `order` (but those `skip` names) while their KV fits now and
+        in the future (at most `lookahead` that do not fit are overtaken, none that has waited
+        `max_overtaken_s`), up to the tipping point or the tolerated `pause`."""
+        opts = self.loong
         max_s = min(pause, opts.max_prefill_s or cost.prefill_time([self.options.max_prefill_tokens], 1))
         room_now = sum(view.free_slots[i] - load.newest[i] for i in instances)
         room_future = sum(view.free_slots) - load.future
-        chosen: list[int] = []
-        chosen_views: dict[int, RequestView] = {}
-        lengths: list[int] = []
+        chosen: list[RequestView] = []
         tokens = squares = skipped = 0
         for req in order:
+            if skip is not None and skip(req):
+                continue
             alone = not chosen and not view.running
             n = req.prompt_len
             fits = n + 1 <= room_now and (alone or req.max_kv_tokens <= room_future)
@@ -101,22 +126,11 @@ class LoongScheduling(SchedulingPolicy):
             if (chosen or pause < math.inf) and (len(chosen) >= self.options.max_batch_size or cost.prefill_time_of_sums(
                     tokens + n, squares + n * n, len(chosen) + 1, len(instances)) > max_s):
                 break
-            chosen.append(req.request_id)
-            chosen_views[req.request_id] = req
-            lengths.append(n)
+            chosen.append(req)
             tokens, squares = tokens + n, squares + n * n
             room_now -= n + 1
             room_future -= req.max_kv_tokens
-        if not chosen:
-            return Dispatch()
-        more = allocate_instances(view, cost, load, lengths, instances, decoding, opts.preempt,
-                                  opts.pause_miss_share)
-        if opts.keep_free:
-            kept = room_for_arrivals(view, cost, load, [chosen_views[rid] for rid in chosen], more, opts)
-            if kept is None:
-                return Dispatch()
-            chosen, more = [r.request_id for r in kept[0]], kept[1]
-        return Dispatch(tuple(chosen), tuple(sorted(more)))
+        return chosen
 
 
 def dispatch_order(view: ClusterView, cost: CostModel, order: str = "hrrn") -> list[RequestView]:

@@ -230,6 +230,10 @@ def test_a_long_prompt_that_would_take_every_instance_waits_and_short_ones_go_on
         got = policy.dispatch(view([long_, short], free=(3000,) * 4, now=now)).request_ids
         assert sorted(got) == list(expected), now
     assert policy.dispatch(view([long_], free=(3000,) * 4, now=1.0)).request_ids == ()
+    # in arrival order the long prompt heads the queue and is alone in the first batch (the
+    # tipping point leaves the short one out of it): the short one behind it still goes
+    fcfs = LoongScheduling(PolicyOptions(extra={"keep_free_after_s": t4 / 2, "order": "fcfs", "max_prefill_s": t4}))
+    assert fcfs.dispatch(view([long_, short], free=(3000,) * 4, now=1.0)).request_ids == (2,)
     assert sorted(LoongScheduling(PolicyOptions(extra={"keep_free_after_s": t4 / 2, "keep_free_patience": 0})).dispatch(
         view([long_, short], free=(3000,) * 4, now=1.0)).request_ids) == [1, 2]
 
