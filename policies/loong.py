@@ -275,7 +275,8 @@ def room_for_arrivals(view: ClusterView, cost: CostModel, load: DecodeLoad, batc
     """The batch and its instances after :func:`keep_room`. When the room cannot be kept (the
     batch's KV needs every idle instance), its long prompts (a prefill alone longer than
     `keep_free_after_s`) wait and the others go on, unless one of them has waited
-    `keep_free_patience` times its prefill alone; None: the whole batch waits. Two 400K-token
+    `keep_free_patience` times its prefill alone (or, with a TTFT target, the `slo_urgency` share
+    of the target less that prefill, if sooner); None: the whole batch waits. Two 400K-token
     prompts on two instance pairs otherwise hold every instance for half a minute."""
     while True:
         lengths = [r.prompt_len for r in batch]
@@ -284,11 +285,19 @@ def room_for_arrivals(view: ClusterView, cost: CostModel, load: DecodeLoad, batc
             return batch, kept
         alone = [cost.prefill_time([n], 1) for n in lengths]
         long_ = [(r, t) for r, t in zip(batch, alone) if t > opts.keep_free_after_s]
-        if not long_ or any(view.now - r.arrival_s >= opts.keep_free_patience * t for r, t in long_):
+        if not long_ or any(view.now - r.arrival_s >= _patience(r, t, opts) for r, t in long_):
             return batch, kept
         if len(long_) == len(batch):
             return None
         batch = [r for r, t in zip(batch, alone) if t <= opts.keep_free_after_s]
+
+
+def _patience(req: RequestView, alone: float, opts: LoongOptions) -> float:
+    """How long a long prompt whose prefill alone takes `alone` waits for room."""
+    limit = opts.keep_free_patience * alone
+    if req.ttft_slo_s and opts.slo_urgency:
+        limit = min(limit, max(0.0, opts.slo_urgency * req.ttft_slo_s - alone))
+    return limit
 
 
 def allocate_instances(view: ClusterView, cost: CostModel, load: DecodeLoad, lengths: list[int],

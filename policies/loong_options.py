@@ -36,7 +36,8 @@ class LoongOptions:
     - `keep_free_patience`: when the room cannot be kept (the prompt's KV needs every idle
       instance), prompts whose prefill alone would take longer than `keep_free_after_s` wait, and
       the batch goes on with the others, until one of them has waited this many times its
-      prefill alone on one instance (0: they never wait);
+      prefill alone on one instance, or, with a TTFT target, until the `slo_urgency` share of the
+      target less that prefill, if sooner (0: they never wait);
     - `tpot_target_s`: the decode step time (TPOT) pauses, consolidation and KV spreading aim to
       keep; a request's own `slo.tpot_ms` replaces it for that request;
     - `consolidate`: migrate decodes off lightly loaded instances (see `consolidate`);

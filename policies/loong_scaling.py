@@ -104,10 +104,10 @@ def spread(view: ClusterView, batch: Batch, plan: KeepPlan, cost: CostModel, def
         k = len(parts)
         while k < len(batch.group) and cost.decode_time(1, n, k, master_batch=1, holder_kv=math.ceil(n / k)) > target:
             k += 1
-        ranks = sorted(batch.group, key=lambda i: (-free[i], i))[:k]
-        share = [n // k + (j < n % k) for j in range(k)]
+        ranks = sorted(sorted(batch.group, key=lambda i: (-free[i], i))[:k])
+        share = [n // k + (j < n % k) for j in range(k)]  # the first ranks take the remainder
         if all(free[r] >= s for r, s in zip(ranks, share)):
-            parts = tuple((r, s) for r, s in zip(sorted(ranks), share) if s)
+            parts = tuple((r, s) for r, s in zip(ranks, share) if s)
         for rank, t in parts:
             free[rank] -= t
         ranges[rid] = parts

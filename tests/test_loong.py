@@ -284,3 +284,30 @@ def test_response_ratio_columns_kept_across_queue_changes_equal_fresh_ones(size,
         assert (kept.shortest, kept.any_targeted) == (fresh.shortest, fresh.any_targeted)
         assert kept.highest(v.now, with_target=True) == fresh.highest(v.now, with_target=True)
 
+
+
+def test_a_long_prompt_with_a_ttft_target_waits_for_room_only_while_the_target_allows():
+    """Patience is cut to the `slo_urgency` share of the prompt's TTFT target less its prefill."""
+    alone, t4 = COST.prefill_time([9000], 1), COST.prefill_time([9000], 4)
+    target = 2 * alone  # 0.8 x target - alone = 0.6 x alone: sooner than 2 x alone
+    long_ = RequestView(1, 0.0, 9000, 0, 16, ttft_slo_s=target)
+    policy = LoongScheduling(PolicyOptions(extra={"keep_free_after_s": t4 / 2}))
+    for now, expected in ((0.55 * alone, ()), (0.65 * alone, (1,))):
+        assert policy.dispatch(view([long_], free=(3000,) * 4, now=now)).request_ids == expected, now
+
+
+def test_an_even_kv_split_is_checked_against_the_ranks_that_take_each_share():
+    """129 tokens over instances with 64 and 129 free slots: the first rank takes the odd token,
+    so instance 0 cannot take 65 of them and the split is not made (hypothesis found a keep plan
+    that overfilled it)."""
+    from esp.policies.loong_scaling import spread
+    from esp.policies.base import KeepPlan
+
+    slow = CostModel({1: (0.01, 1e-4, 1e-7), 2: (0.012, 6e-5, 5e-8)}, {1: (0.01, 1e-4, 2e-4)}, 1e-5, 1e9, 64,
+                     decode_basis="busiest")
+    v = ClusterView(100.0, (64, 130), (64, 129), frozenset({0, 1}), (RequestView(5, 15.0, 129, 0, 1, tpot_slo_s=0.03),),
+                    (), slow)
+    plan = spread(v, Batch((5,), (0, 1)), KeepPlan({5: ((1, 129),)}), slow, 0.5)
+    assert all(n <= v.free_slots[rank] for rank, n in plan.ranges[5])
+    roomy = replace(v, free_slots=(100, 129))
+    assert spread(roomy, Batch((5,), (0, 1)), KeepPlan({5: ((1, 129),)}), slow, 0.5).ranges[5] == ((0, 65), (1, 64))
