@@ -83,23 +83,26 @@ class LoongScheduling(SchedulingPolicy):
         if not instances:
             return Dispatch()
         batch = self._select(view, cost, load, order, instances, pause)
-        if not batch:
+        placed = self._place(view, cost, load, batch, instances, decoding)
+        if placed is None and batch:  # its prompts are all long and wait for room: the short ones after them go
+            after_s = opts.keep_free_after_s
+            batch = self._select(view, cost, load, order, instances, pause,
+                                 skip=lambda r: cost.prefill_time([r.prompt_len], 1) > after_s)
+            placed = self._place(view, cost, load, batch, instances, decoding)
+        if placed is None:
             return Dispatch()
+        return Dispatch(tuple(r.request_id for r in placed[0]), tuple(sorted(placed[1])))
+
+    def _place(self, view: ClusterView, cost: CostModel, load: DecodeLoad, batch: list[RequestView],
+               instances: list[int], decoding: list[int]) -> tuple[list[RequestView], list[int]] | None:
+        """Step 2 for a batch: its instances (:func:`allocate_instances`), with room kept for
+        arrivals (:func:`room_for_arrivals`); None when nothing of it starts now."""
+        if not batch:
+            return None
+        opts = self.loong
         more = allocate_instances(view, cost, load, [r.prompt_len for r in batch], instances, decoding,
                                   opts.preempt, opts.pause_miss_share)
-        if opts.keep_free:
-            kept = room_for_arrivals(view, cost, load, batch, more, opts)
-            if kept is None:  # its prompts are all long and wait for room: the short ones after them go
-                after_s = opts.keep_free_after_s
-                batch = self._select(view, cost, load, order, instances, pause,
-                                     skip=lambda r: cost.prefill_time([r.prompt_len], 1) > after_s)
-                if not batch:
-                    return Dispatch()
-                more = allocate_instances(view, cost, load, [r.prompt_len for r in batch], instances, decoding,
-                                          opts.preempt, opts.pause_miss_share)
-                kept = room_for_arrivals(view, cost, load, batch, more, opts)
-            batch, more = kept
-        return Dispatch(tuple(r.request_id for r in batch), tuple(sorted(more)))
+        return room_for_arrivals(view, cost, load, batch, more, opts) if opts.keep_free else (batch, more)
 
     def _select(self, view: ClusterView, cost: CostModel, load: DecodeLoad, order, instances: list[int],
                 pause: float, skip=None) -> list[RequestView]:
