@@ -85,9 +85,8 @@ class LoongScheduling(SchedulingPolicy):
         batch = self._select(view, cost, load, order, instances, pause)
         placed = self._place(view, cost, load, batch, instances, decoding)
         if placed is None and batch:  # its prompts are all long and wait for room: the short ones after them go
-            after_s = opts.keep_free_after_s
             batch = self._select(view, cost, load, order, instances, pause,
-                                 skip=lambda r: cost.prefill_time([r.prompt_len], 1) > after_s)
+                                 skip=lambda r: _long_prefill(cost, r.prompt_len, opts) is not None)
             placed = self._place(view, cost, load, batch, instances, decoding)
         if placed is None:
             return Dispatch()
@@ -286,13 +285,19 @@ def room_for_arrivals(view: ClusterView, cost: CostModel, load: DecodeLoad, batc
         kept, room_kept = keep_room(view, cost, load, lengths, instances, opts.keep_free, opts.keep_free_after_s)
         if room_kept:
             return batch, kept
-        alone = [cost.prefill_time([n], 1) for n in lengths]
-        long_ = [(r, t) for r, t in zip(batch, alone) if t > opts.keep_free_after_s]
+        alone = [_long_prefill(cost, n, opts) for n in lengths]
+        long_ = [(r, t) for r, t in zip(batch, alone) if t is not None]
         if not long_ or any(view.now - r.arrival_s >= _patience(r, t, opts) for r, t in long_):
             return batch, kept
         if len(long_) == len(batch):
             return None
-        batch = [r for r, t in zip(batch, alone) if t <= opts.keep_free_after_s]
+        batch = [r for r, t in zip(batch, alone) if t is None]
+
+
+def _long_prefill(cost: CostModel, prompt_len: int, opts: LoongOptions) -> float | None:
+    """A prompt's prefill alone on one instance when longer than `keep_free_after_s`, else None."""
+    t = cost.prefill_time([prompt_len], 1)
+    return t if t > opts.keep_free_after_s else None
 
 
 def _patience(req: RequestView, alone: float, opts: LoongOptions) -> float:

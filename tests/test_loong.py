@@ -5,12 +5,13 @@ from dataclasses import replace
 from types import MappingProxyType
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from dp_oracles import brute_force
 
 from esp.costs.cost_model import CostModel
 from esp.policies import ClusterView, PolicyOptions, RequestView
-from esp.policies.loong import LoongBatching, LoongScheduling
+from esp.policies.loong import LoongBatching, LoongScheduling, ResponseRatio
 
 COST = CostModel({1: (0.01, 1e-4, 2e-8), 2: (0.012, 0.5e-4, 1e-8), 4: (0.015, 0.25e-4, 0.5e-8)},
                  {1: (0.01, 1e-5, 1e-8)}, 2e-5, 1e10, 4096)
@@ -247,11 +248,6 @@ def test_a_prompt_about_to_miss_its_ttft_target_takes_a_decoding_instance():
         assert LoongScheduling(PolicyOptions()).dispatch(v).request_ids == expected
         assert LoongScheduling(PolicyOptions(extra={"slo_urgency": 0})).dispatch(v).request_ids == ()
 
-
-from hypothesis import given, settings, strategies as st  # noqa: E402
-
-from esp.policies.loong import ResponseRatio  # noqa: E402
-
 _EDITS = st.lists(st.tuples(st.sampled_from(["drop", "append", "replace", "rotate"]),
                             st.integers(0, 10_000), st.integers(1, 40)), min_size=1, max_size=12)
 
@@ -283,7 +279,9 @@ def test_response_ratio_columns_kept_across_queue_changes_equal_fresh_ones(size,
             assert getattr(kept, name).tolist() == getattr(fresh, name).tolist()
         assert (kept.shortest, kept.any_targeted) == (fresh.shortest, fresh.any_targeted)
         assert kept.highest(v.now, with_target=True) == fresh.highest(v.now, with_target=True)
-
+        ratios = [(v.now - r.arrival_s + COST.prefill_time([r.remaining_prompt], 1))
+                  / (r.ttft_slo_s or COST.prefill_time([r.remaining_prompt], 1)) for r in kept(v, COST)]
+        assert all(a >= b - 1e-9 * abs(b) for a, b in zip(ratios, ratios[1:]))  # highest response ratio first
 
 
 def test_a_long_prompt_with_a_ttft_target_waits_for_room_only_while_the_target_allows():
