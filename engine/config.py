@@ -41,8 +41,8 @@ class EngineConfig:
     (`esp.engine.tensor_parallel`); `threads_per_instance` then counts each process's threads.
     `backend="sim"` replaces the worker processes by the simulator (`esp.engine.sim`); `profile`
     names the cost model (a preset or a JSON file) that policies read and the simulator runs on.
-    `decode_steps`: the most decode iterations per scheduling round (default 16; 8 under the
-    simulator). A round streams each iteration's tokens and ends after the iteration in
+    `decode_steps`: the most decode iterations per scheduling round (16, under the simulator
+    too, so that it models the engine as it runs). A round streams each iteration's tokens and ends after the iteration in
     progress when a request arrives, is aborted or ends, so the control plane runs once per
     round instead of once per token without holding anything back.
     `max_waiting_requests` / `max_waiting_tokens` bound the waiting queue (a full queue refuses
@@ -68,7 +68,7 @@ class EngineConfig:
     policy_options: dict = field(default_factory=dict)
     backend: str = "real"
     profile: str | None = None
-    decode_steps: int | None = None
+    decode_steps: int = 16
     max_waiting_requests: int | None = 512
     max_waiting_tokens: int | None = None
     max_restarts: int = 3
@@ -88,7 +88,7 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto, float32, float64, bfloat16 or float16, got {self.dtype!r}")
         if self.kv_tokens_per_instance is not None and self.kv_tokens_per_instance < 1:
             raise ValueError("kv-tokens-per-instance must be positive")
-        if self.decode_steps is not None and self.decode_steps < 1:
+        if self.decode_steps < 1:
             raise ValueError("decode-steps must be positive")
         if self.threads_per_instance is not None and self.threads_per_instance < 1:
             raise ValueError("threads-per-instance must be positive")
@@ -100,10 +100,6 @@ class EngineConfig:
             raise ValueError("charge-scheduler needs the sim backend (a real engine's steps already wait for it)")
         if self.max_restarts < 0:
             raise ValueError("max-restarts must be at least 0")
-
-    @property
-    def scheduler_decode_steps(self) -> int:
-        return self.decode_steps or (8 if self.backend == "sim" else 16)
 
     @property
     def model_dir(self) -> Path:

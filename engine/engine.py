@@ -133,7 +133,7 @@ class Engine:
         waiting_tokens = self.config.max_waiting_tokens or 4 * sum(slots)
         self.limits = Limits(self.backend.max_model_len, sum(slots), self.config.max_waiting_requests, waiting_tokens)
         self.scheduler = Scheduler(self.policies, slots, clock=loop.time, cost_model=self.cost_model,
-                                   decode_steps=self.config.scheduler_decode_steps)
+                                   decode_steps=self.config.decode_steps)
         self._start_s = loop.time() - t0
         self._state = "ok"
         log.info("ready in %.1f s: KV slots per instance %s, max model length %d tokens, policy %s",

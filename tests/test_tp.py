@@ -88,7 +88,7 @@ async def forced(engine, ids, layout: Layout, decode_steps: int):
     try:
         return await final(engine, ids, GREEDY)
     finally:
-        engine.scheduler.decode_steps = engine.config.scheduler_decode_steps
+        engine.scheduler.decode_steps = engine.config.decode_steps
 
 
 # ----- without processes -----
