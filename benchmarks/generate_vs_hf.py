@@ -26,7 +26,7 @@ def make_prompts(vocab: int, n: int, seed: int = 0) -> list[list[int]]:
     return [[1] + [rng.randrange(3, vocab) for _ in range(L - 1)] for L in lengths]
 
 
-async def run_esp(model_dir, prompts, max_tokens, threads, decode_steps=None) -> tuple[float, dict]:
+async def run_esp(model_dir, prompts, max_tokens, threads, decode_steps=16) -> tuple[float, dict]:
     from esp.engine import EngineConfig, SamplingParams
     from esp.engine.engine import Engine
 

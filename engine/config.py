@@ -88,8 +88,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be auto, float32, float64, bfloat16 or float16, got {self.dtype!r}")
         if self.kv_tokens_per_instance is not None and self.kv_tokens_per_instance < 1:
             raise ValueError("kv-tokens-per-instance must be positive")
-        if self.decode_steps < 1:
-            raise ValueError("decode-steps must be positive")
+        if not isinstance(self.decode_steps, int) or self.decode_steps < 1:
+            raise ValueError(f"decode-steps must be a positive integer, got {self.decode_steps!r}")
         if self.threads_per_instance is not None and self.threads_per_instance < 1:
             raise ValueError("threads-per-instance must be positive")
         for name in ("max_waiting_requests", "max_waiting_tokens"):

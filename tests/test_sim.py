@@ -150,3 +150,10 @@ def test_a_ttft_target_moves_a_request_ahead_in_loong_dispatch(profile):
     (a, _), (b, _), (c, report) = run_virtual(main(LatencySLO(ttft_s=1.0)))
     assert (a, b, c) == pytest.approx((3.0, 11.75, 10.0))
     assert report == {"ttft_ms": 1000.0, "tpot_ms": None, "ttft_met": False, "tpot_met": None}
+
+
+def test_the_simulator_runs_the_engines_rounds_and_checks_their_length():
+    assert EngineConfig(backend="sim").decode_steps == EngineConfig().decode_steps == 16
+    for steps in (0, None, 2.5):
+        with pytest.raises(ValueError, match="decode-steps must be a positive integer"):
+            EngineConfig(backend="sim", decode_steps=steps)
