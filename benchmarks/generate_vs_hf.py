@@ -26,14 +26,15 @@ def make_prompts(vocab: int, n: int, seed: int = 0) -> list[list[int]]:
     return [[1] + [rng.randrange(3, vocab) for _ in range(L - 1)] for L in lengths]
 
 
-async def run_esp(model_dir, prompts, max_tokens, threads, decode_steps=16) -> tuple[float, dict]:
+async def run_esp(model_dir, prompts, max_tokens, threads, decode_steps=None) -> tuple[float, dict]:
     from esp.engine import EngineConfig, SamplingParams
     from esp.engine.engine import Engine
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     kv = max(32768, sum(len(p) + max_tokens for p in prompts))
+    rounds = {"decode_steps": decode_steps} if decode_steps else {}
     config = EngineConfig(model=str(model_dir), kv_tokens_per_instance=kv, threads_per_instance=threads,
-                          dtype="float32", log_requests=False, decode_steps=decode_steps)
+                          dtype="float32", log_requests=False, **rounds)
     async with Engine(config) as engine:
         async def one(p):
             async for out in engine.generate(p, params):

@@ -103,9 +103,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch-size", type=positive_int, default=256)
     g.add_argument("--prefill-instances", type=positive_int, help="disagg: instances that only prefill")
     g.add_argument("--decode-instances", type=positive_int, help="disagg: instances that only decode")
-    g.add_argument("--decode-steps", type=positive_int, default=16,
+    g.add_argument("--decode-steps", type=positive_int, default=EngineConfig.decode_steps,
                    help="most decode iterations per scheduling round; a round ends early when a request arrives "
-                        "or ends (default 16)")
+                        f"or ends (default {EngineConfig.decode_steps})")
     g.add_argument("--chunk-size", type=positive_int, help="chunked: tokens per step, decodes plus prompt chunks "
                                                            "(default 2048)")
     g.add_argument("--max-waiting-requests", type=count_or_none, default=512, metavar="N",

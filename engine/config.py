@@ -41,10 +41,11 @@ class EngineConfig:
     (`esp.engine.tensor_parallel`); `threads_per_instance` then counts each process's threads.
     `backend="sim"` replaces the worker processes by the simulator (`esp.engine.sim`); `profile`
     names the cost model (a preset or a JSON file) that policies read and the simulator runs on.
-    `decode_steps`: the most decode iterations per scheduling round (16, under the simulator
-    too, so that it models the engine as it runs). A round streams each iteration's tokens and ends after the iteration in
-    progress when a request arrives, is aborted or ends, so the control plane runs once per
-    round instead of once per token without holding anything back.
+    `decode_steps`: the most decode iterations per scheduling round (16; the simulator runs the
+    same rounds, so that it models the engine as it runs). A round streams each iteration's
+    tokens and ends after the iteration in progress when a request arrives, is aborted or ends,
+    so the control plane runs once per round instead of once per token without holding anything
+    back.
     `max_waiting_requests` / `max_waiting_tokens` bound the waiting queue (a full queue refuses
     new requests with `Overloaded`): None means unbounded requests, and for tokens 4x the
     cluster's KV slots. `max_restarts`: attempts to restart failed workers before the engine is

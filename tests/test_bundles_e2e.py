@@ -3,7 +3,6 @@ all finish, with greedy tokens equal to each request's solo single-instance run.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import random
 
 import pytest
@@ -51,8 +50,7 @@ def test_bundle_finishes_everything_with_solo_tokens(solo, policy, options, step
     """`steps`: decode iterations per round (None: the default; rounds end early on arrivals,
     and `static-sp` runs them on 4-instance groups); 1 is one token per round trip."""
     config = EngineConfig(instances=4, dtype="float64", kv_tokens_per_instance=1500, threads_per_instance=1,
-                          policy=policy, policy_options=options)
-    config = dataclasses.replace(config, decode_steps=steps) if steps is not None else config
+                          policy=policy, policy_options=options, **({"decode_steps": steps} if steps else {}))
     tokens, all_free = asyncio.run(run_all(config, sequential=False))
     assert tokens == solo
     assert all_free

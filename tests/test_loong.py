@@ -11,7 +11,9 @@ from dp_oracles import brute_force
 
 from esp.costs.cost_model import CostModel
 from esp.policies import ClusterView, PolicyOptions, RequestView
+from esp.policies.base import KeepPlan
 from esp.policies.loong import LoongBatching, LoongScheduling, ResponseRatio
+from esp.policies.loong_scaling import spread
 
 COST = CostModel({1: (0.01, 1e-4, 2e-8), 2: (0.012, 0.5e-4, 1e-8), 4: (0.015, 0.25e-4, 0.5e-8)},
                  {1: (0.01, 1e-5, 1e-8)}, 2e-5, 1e10, 4096)
@@ -248,6 +250,7 @@ def test_a_prompt_about_to_miss_its_ttft_target_takes_a_decoding_instance():
         assert LoongScheduling(PolicyOptions()).dispatch(v).request_ids == expected
         assert LoongScheduling(PolicyOptions(extra={"slo_urgency": 0})).dispatch(v).request_ids == ()
 
+
 _EDITS = st.lists(st.tuples(st.sampled_from(["drop", "append", "replace", "rotate"]),
                             st.integers(0, 10_000), st.integers(1, 40)), min_size=1, max_size=12)
 
@@ -298,9 +301,6 @@ def test_an_even_kv_split_is_checked_against_the_ranks_that_take_each_share():
     """129 tokens over instances with 64 and 129 free slots: the first rank takes the odd token,
     so instance 0 cannot take 65 of them and the split is not made (hypothesis found a keep plan
     that overfilled it)."""
-    from esp.policies.loong_scaling import spread
-    from esp.policies.base import KeepPlan
-
     slow = CostModel({1: (0.01, 1e-4, 1e-7), 2: (0.012, 6e-5, 5e-8)}, {1: (0.01, 1e-4, 2e-4)}, 1e-5, 1e9, 64,
                      decode_basis="busiest")
     v = ClusterView(100.0, (64, 130), (64, 129), frozenset({0, 1}), (RequestView(5, 15.0, 129, 0, 1, tpot_slo_s=0.03),),
