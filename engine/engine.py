@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import gc
 import itertools
 import logging
 import random
@@ -333,16 +334,22 @@ class Engine:
         """schedule -> launch: each step runs in a task of its own."""
         if self._state == "recovering":
             return
-        t0 = time.perf_counter()
-        steps, failed = self.scheduler.schedule()
-        spent = time.perf_counter() - t0
-        self._schedule_s += spent
-        self._schedule_hist[bisect.bisect_left(SCHEDULE_BUCKETS, spent)] += 1
-        delay = spent if self.config.charge_scheduler else 0.0
-        for step in steps:
-            task = asyncio.create_task(self._execute(step, delay))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        collect = gc.isenabled()  # no collection while instances wait for their steps
+        gc.disable()
+        try:
+            t0 = time.perf_counter()
+            steps, failed = self.scheduler.schedule()
+            spent = time.perf_counter() - t0
+            self._schedule_s += spent
+            self._schedule_hist[bisect.bisect_left(SCHEDULE_BUCKETS, spent)] += 1
+            delay = spent if self.config.charge_scheduler else 0.0
+            for step in steps:
+                task = asyncio.create_task(self._execute(step, delay))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        finally:
+            if collect:  # once the tasks just created have sent their steps (the loop runs callbacks in order)
+                asyncio.get_running_loop().call_soon(gc.enable)
         self._deliver(failed)
 
     async def _execute(self, step: Step, delay: float = 0.0) -> None:

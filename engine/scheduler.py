@@ -19,8 +19,8 @@ from esp.engine.protocol import (DecodeBatch, DecodeRows, KeepRange, MigrateKV, 
                                  PrefillSeq, SampleSpec, Step)
 from esp.engine.request import Request, Status
 from esp.engine.validation import (PolicyViolation, check_decode, check_decode_batches, check_dispatch,
-                                   check_keep_plan, check_migrations, check_riders)
-from esp.policies.base import Batch, ClusterView, DecodePlan, PolicySet, RequestView, ScalingPolicy
+                                   check_migrations, check_prefill, check_riders)
+from esp.policies.base import NO_KV, Batch, ClusterView, DecodePlan, PolicySet, RequestView, ScalingPolicy
 from esp.costs.cost_model import CostModel
 
 
@@ -136,6 +136,7 @@ class Scheduler:
                              f"of all instances ({total} slots)")
         self.requests[req.id] = req
         self.waiting.append(req)
+        self._view(req)  # built on arrival, off the decision's path
 
     def abort(self, request_id: int) -> Request | None:
         """Abort a request now (in a step, its slots are freed when the step comes back)."""
@@ -168,7 +169,7 @@ class Scheduler:
         for r in self.running.values():
             if r.status is status:
                 hit = cache.get(r.id)
-                running.append(hit[1] if hit is not None and hit[0] == r.version else self._view(r, now))
+                running.append(hit[1] if hit is not None and hit[0] == r.version else self._view(r))
         allocators, busy = self.allocators, self.busy
         return ClusterView(now, tuple([a.num_slots for a in allocators]), tuple([a.num_free for a in allocators]),
                            frozenset([i for i in range(len(allocators)) if i not in busy]),
@@ -191,18 +192,16 @@ class Scheduler:
         for r in requests:  # the cache check inlined: this runs over long queues
             if r.status is waiting:
                 hit = cache.get(r.id)
-                out.append(hit[1] if hit is not None and hit[0] == r.version else self._view(r, now))
+                out.append(hit[1] if hit is not None and hit[0] == r.version else self._view(r))
         return tuple(out)
 
-    def _view(self, r: Request, now: float) -> RequestView:
-        """The request's view, rebuilt only after its status, tokens or placement changed."""
-        cached = self._views.get(r.id)
-        if cached is not None and cached[0] == r.version:
-            return cached[1]
-        prompt = len(r.prompt_ids) + len(r.output_ids) if r.status is Status.WAITING else len(r.prompt_ids)
-        slo = r.slo
-        view = RequestView(r.id, r.arrival, prompt, len(r.output_ids), r.params.max_tokens,
-                           MappingProxyType({k: len(v) for k, v in r.placement.items()}),
+    def _view(self, r: Request) -> RequestView:
+        """The request's view, built when its version (status, tokens, placement) has no cached one."""
+        output = len(r.output_ids)
+        prompt = len(r.prompt_ids) + output if r.status is Status.WAITING else len(r.prompt_ids)
+        slo, placement = r.slo, r.placement
+        view = RequestView(r.id, r.arrival, prompt, output, r.params.max_tokens,
+                           MappingProxyType({k: len(v) for k, v in placement.items()}) if placement else NO_KV,
                            slo and slo.ttft_s, slo and slo.tpot_s, r.first_token_at)
         self._views[r.id] = (r.version, view)
         return view
@@ -254,8 +253,7 @@ class Scheduler:
         check_dispatch(p.scheduling, view, dispatch)
         batches = p.batching.prefill_batches(view, dispatch)
         plans = [(b, p.scaling.keep_plan(view, b)) for b in batches]
-        for batch, plan in plans:
-            check_keep_plan(p, view, dispatch, batch, plan, [b for b, _ in plans])
+        check_prefill(p, view, dispatch, plans)
         check_riders(p.batching, view, batches)
         free = list(view.free_slots)
         for _, plan in plans:
@@ -270,12 +268,17 @@ class Scheduler:
             if plan is not None:
                 check_decode(p, after_keep, rider, plan, fixed_group=True)
             riders.append(plan)
-        return [self._prefill_step(batch, plan.ranges, rider)
-                for (batch, plan), rider in zip(plans, riders)]
+        prefilled: list[Request] = []
+        steps = [self._prefill_step(batch, plan.ranges, rider, prefilled)
+                 for (batch, plan), rider in zip(plans, riders)]
+        self.waiting.remove_all(prefilled)
+        return steps
 
-    def _prefill_step(self, batch: Batch, ranges, riders: DecodePlan | None) -> PrefillBatch | MixedBatch:
-        """Prefill (or a chunk of it: tokens after the KV a request holds) with decode riders."""
-        seqs, records, prefilled = [], {}, []
+    def _prefill_step(self, batch: Batch, ranges, riders: DecodePlan | None,
+                      prefilled: list[Request]) -> PrefillBatch | MixedBatch:
+        """Prefill (or a chunk of it: tokens after the KV a request holds) with decode riders;
+        the requests whose prompt it completes are added to `prefilled`."""
+        seqs, records, now = [], {}, self.clock()
         for rid in batch.request_ids:
             req = self.requests[rid]
             first = start = req.num_kv
@@ -287,7 +290,7 @@ class Scheduler:
                 self.running[rid] = req
                 req.sampling_on.update(batch.group)
             if req.scheduled_at is None:
-                req.scheduled_at = self.clock()
+                req.scheduled_at = now
             keep = []
             for rank, n in ranges[rid]:
                 slots = self.allocators[rank].allocate(n)
@@ -300,7 +303,6 @@ class Scheduler:
             records[rid] = [record]
             seqs.append(PrefillSeq(rid, req.token_slice(first, end), tuple(keep),
                                    self._sample_spec(req) if final else None, first))
-        self.waiting.remove_all(prefilled)
         ids = batch.request_ids
         if riders or any(s.start or s.sample is None for s in seqs):
             rows, sampling = self._decode_rows(batch.decode_ids, riders, records=records) \

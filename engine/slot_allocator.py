@@ -84,12 +84,15 @@ class SlotAllocator:
         return bool((np.diff(idx) == 1).all())
 
     def _lowest(self, n: int) -> array:
+        """The lowest `n` free slots, taken run by run (one run when the pool is unfragmented)."""
         bits, find, out, i = self._bits, self._bits.find, array("q"), self._cursor
-        for _ in range(n):
+        while n:
             i = find(1, i)
-            bits[i] = 0
-            out.append(i)
-            i += 1
+            end = find(0, i, i + n)
+            take = (end if end >= 0 else min(i + n, self.num_slots)) - i
+            bits[i: i + take] = bytes(take)
+            out.extend(range(i, i + take))
+            i, n = i + take, n - take
         self._cursor = i
         return out
 

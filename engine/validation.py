@@ -42,15 +42,21 @@ def check_groups(policy: object, view: ClusterView, groups: list[tuple[int, ...]
         seen |= set(g)
 
 
-def check_keep_plan(p: PolicySet, view: ClusterView, d: Dispatch, batch: Batch, plan: KeepPlan,
-                    batches: list[Batch]) -> None:
+def check_prefill(p: PolicySet, view: ClusterView, d: Dispatch, plans: list[tuple[Batch, KeepPlan]]) -> None:
+    """The prefill batches of a dispatch, each with its keep plan."""
     ids = d.request_ids
-    covered = [rid for b in batches for rid in b.request_ids]
+    covered = [rid for b, _ in plans for rid in b.request_ids]
     _require(sorted(covered) == sorted(ids), p.batching,
              "prefill batches must hold every dispatched request exactly once", ids)
-    _require(set(batch.group) <= set(d.instances), p.batching,
-             lambda: f"prefill group {batch.group} leaves the dispatched instances {d.instances}", ids)
-    check_groups(p.batching, view, [b.group for b in batches], ids)
+    check_groups(p.batching, view, [b.group for b, _ in plans], ids)
+    dispatched = set(d.instances)
+    for batch, plan in plans:
+        _require(set(batch.group) <= dispatched, p.batching,
+                 lambda: f"prefill group {batch.group} leaves the dispatched instances {d.instances}", ids)
+        check_keep_plan(p, view, batch, plan, ids)
+
+
+def check_keep_plan(p: PolicySet, view: ClusterView, batch: Batch, plan: KeepPlan, ids) -> None:
     check_chunks(p.batching, view, batch, ids)
     tokens = batch.prefill_tokens(view)
     use = dict.fromkeys(range(view.num_instances), 0)

@@ -13,6 +13,8 @@ from typing import Any, Callable, Mapping
 
 from esp.costs.cost_model import CostModel
 
+NO_KV: Mapping[int, int] = MappingProxyType({})  # the `kv_tokens` of a request that holds none
+
 
 @dataclass(frozen=True)
 class RequestView:
@@ -27,7 +29,7 @@ class RequestView:
     prompt_len: int
     output_len: int
     max_tokens: int
-    kv_tokens: Mapping[int, int] = field(default_factory=lambda: MappingProxyType({}))
+    kv_tokens: Mapping[int, int] = field(default_factory=lambda: NO_KV)
     ttft_slo_s: float | None = None
     tpot_slo_s: float | None = None
     first_token_s: float | None = None

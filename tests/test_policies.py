@@ -7,8 +7,8 @@ from types import MappingProxyType
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from esp.engine.validation import (check_decode, check_decode_batches, check_dispatch, check_keep_plan,
-                                   check_migrations, check_riders)
+from esp.engine.validation import (check_decode, check_decode_batches, check_dispatch, check_migrations,
+                                   check_prefill, check_riders)
 from esp.costs.cost_model import CostModel
 from esp.policies import Batch, ClusterView, PolicyOptions, RequestView, available, load_policy_set
 
@@ -89,9 +89,9 @@ def check_every_rule(p, view: ClusterView) -> None:
         check_dispatch(p.scheduling, view, dispatch)
         batches = p.batching.prefill_batches(view, dispatch)
         free = list(view.free_slots)
-        for batch in batches:
-            plan = p.scaling.keep_plan(view, batch)
-            check_keep_plan(p, view, dispatch, batch, plan, batches)
+        plans = [(batch, p.scaling.keep_plan(view, batch)) for batch in batches]
+        check_prefill(p, view, dispatch, plans)
+        for _, plan in plans:
             for rank, n in (part for parts in plan.ranges.values() for part in parts):
                 free[rank] -= n
         check_riders(p.batching, view, batches)

@@ -125,6 +125,37 @@ def test_charge_scheduler_delays_each_step_by_the_wall_time_of_its_schedule(prof
         EngineConfig(charge_scheduler=True)
 
 
+def test_the_garbage_collector_is_paused_while_steps_are_planned_and_sent(profile, monkeypatch):
+    """`schedule()` and the sending of the steps it launched run with the cyclic GC paused (a
+    collection there would keep the instances idle); it collects again once they are sent."""
+    import gc
+    from esp.engine.scheduler import Scheduler
+    from esp.engine.sim import SimBackend
+
+    seen: dict[str, list[bool]] = {"schedule": [], "send": [], "between": []}
+    plain_schedule, plain_run = Scheduler.schedule, SimBackend.run
+
+    def schedule(self):
+        seen["schedule"].append(gc.isenabled())
+        return plain_schedule(self)
+
+    async def run_step(self, step):
+        seen["send"].append(gc.isenabled())
+        return await plain_run(self, step)
+    monkeypatch.setattr(Scheduler, "schedule", schedule)
+    monkeypatch.setattr(SimBackend, "run", run_step)
+
+    async def main():
+        async with Engine(EngineConfig(backend="sim", profile=profile, kv_tokens_per_instance=1000)) as engine:
+            async for _ in engine.generate(SyntheticPrompt(10), SamplingParams(max_tokens=3, ignore_eos=True)):
+                seen["between"].append(gc.isenabled())
+    assert gc.isenabled()
+    run_virtual(main())
+    assert gc.isenabled()
+    assert seen["schedule"] and not any(seen["schedule"]) and seen["send"] and not any(seen["send"])
+    assert seen["between"] and all(seen["between"])
+
+
 def test_a_ttft_target_moves_a_request_ahead_in_loong_dispatch(profile):
     """One instance busy until 3 s with a 10-token prefill; at 1 s a 5-token request and a
     20-token one arrive. By response ratio at 3 s the short one leads ((2 + 1.75) / 1.75 against
