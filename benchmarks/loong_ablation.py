@@ -35,7 +35,8 @@ VARIANTS = (
     ("+ pauses decodes tolerate", PAPER | {"order": "hrrn", "preempt": "tolerable"}),
     ("+ KV spread, consolidation", {"keep_free": 0}),
     ("+ room for arrivals", {"keep_free_patience": 0}),
-    ("+ long prompts wait for room (default)", {}),
+    ("+ long prompts wait for room", {"keep_free_solo_after_s": "inf"}),
+    ("+ also for one-instance prefills (default)", {}),
     ("default, FCFS order", {"order": "fcfs"}),
 )
 #: (dataset, rate): near where vLLM-TP8 and chunked-TP8 cross the per-token SLO (docs/results.md)

@@ -85,23 +85,26 @@ class LoongScheduling(SchedulingPolicy):
         batch = self._select(view, cost, load, order, instances, pause)
         placed = self._place(view, cost, load, batch, instances, decoding)
         if placed is None and batch:  # its prompts are all long and wait for room: the short ones after them go
-            batch = self._select(view, cost, load, order, instances, pause,
-                                 skip=lambda r: _long_prefill(cost, r.prompt_len, opts) is not None)
-            placed = self._place(view, cost, load, batch, instances, decoding)
+            shorts = self._select(view, cost, load, order, instances, pause,
+                                  skip=lambda r: _long_prefill(cost, r.prompt_len, opts) is not None)
+            placed = self._place(view, cost, load, shorts, instances, decoding)
+            if placed is None and not _anything_runs(view):  # nothing would end the wait
+                placed = self._place(view, cost, load, batch, instances, decoding, room=False)
         if placed is None:
             return Dispatch()
         return Dispatch(tuple(r.request_id for r in placed[0]), tuple(sorted(placed[1])))
 
     def _place(self, view: ClusterView, cost: CostModel, load: DecodeLoad, batch: list[RequestView],
-               instances: list[int], decoding: list[int]) -> tuple[list[RequestView], list[int]] | None:
+               instances: list[int], decoding: list[int],
+               room: bool = True) -> tuple[list[RequestView], list[int]] | None:
         """Step 2 for a batch: its instances (:func:`allocate_instances`), with room kept for
-        arrivals (:func:`room_for_arrivals`); None when nothing of it starts now."""
+        arrivals (:func:`room_for_arrivals`) if `room`; None when nothing of it starts now."""
         if not batch:
             return None
         opts = self.loong
         more = allocate_instances(view, cost, load, [r.prompt_len for r in batch], instances, decoding,
                                   opts.preempt, opts.pause_miss_share)
-        return room_for_arrivals(view, cost, load, batch, more, opts) if opts.keep_free else (batch, more)
+        return room_for_arrivals(view, cost, load, batch, more, opts) if opts.keep_free and room else (batch, more)
 
     def _select(self, view: ClusterView, cost: CostModel, load: DecodeLoad, order, instances: list[int],
                 pause: float, skip=None) -> list[RequestView]:
@@ -252,14 +255,21 @@ def first_instances(view: ClusterView, cost: CostModel, load: DecodeLoad, heads:
 
 
 def keep_room(view: ClusterView, cost: CostModel, load: DecodeLoad, lengths: list[int], chosen: list[int],
-              keep: int, after_s: float) -> tuple[list[int], bool]:
+              keep: int, after_s: float, solo_after_s: float = math.inf) -> tuple[list[int], bool]:
     """Leave `keep` instances that hold no decode out of a prefill predicted to take longer than
     `after_s`, for the work that arrives meanwhile (replicas never block a short prompt behind a
     long one; an ESP group of every instance does). The instances left out are the decoding ones
     first, then those with the fewest free slots, while the rest still hold the batch's KV.
-    Returns the instances and whether the room is kept (a one-instance prefill always keeps it)."""
+    Returns the instances and whether the room is kept. A prefill on one instance cannot leave
+    any out: it keeps the room unless it takes longer than `solo_after_s` while fewer than `keep`
+    other idle instances hold no decode (a 150K-token prompt on the last such instance blocks
+    every chat prompt that arrives in the next 20 s on a TP2 instance)."""
     free_elsewhere = sum(1 for i in view.idle - set(chosen) if i not in load.holding)
-    if free_elsewhere >= keep or len(chosen) < 2 or cost.prefill_time(lengths, len(chosen)) <= after_s:
+    if free_elsewhere >= keep:
+        return chosen, True
+    if len(chosen) < 2:
+        return chosen, view.num_instances <= keep or cost.prefill_time(lengths, 1) <= solo_after_s
+    if cost.prefill_time(lengths, len(chosen)) <= after_s:
         return chosen, True
     need = sum(lengths) + len(lengths)
     out = sorted(chosen, key=lambda i: (i not in load.holding, view.free_slots[i], -i))
@@ -269,7 +279,8 @@ def keep_room(view: ClusterView, cost: CostModel, load: DecodeLoad, lengths: lis
             break
         free_elsewhere += out[0] not in load.holding
         out = rest
-    return out, free_elsewhere >= keep or len(out) < 2
+    return out, free_elsewhere >= keep or (len(out) < 2 and (view.num_instances <= keep or
+                                                              cost.prefill_time(lengths, 1) <= solo_after_s))
 
 
 def room_for_arrivals(view: ClusterView, cost: CostModel, load: DecodeLoad, batch: list[RequestView],
@@ -282,7 +293,8 @@ def room_for_arrivals(view: ClusterView, cost: CostModel, load: DecodeLoad, batc
     prompts on two instance pairs otherwise hold every instance for half a minute."""
     while True:
         lengths = [r.prompt_len for r in batch]
-        kept, room_kept = keep_room(view, cost, load, lengths, instances, opts.keep_free, opts.keep_free_after_s)
+        kept, room_kept = keep_room(view, cost, load, lengths, instances, opts.keep_free, opts.keep_free_after_s,
+                                    opts.keep_free_solo_after_s)
         if room_kept:
             return batch, kept
         alone = [_long_prefill(cost, n, opts) for n in lengths]
@@ -292,6 +304,13 @@ def room_for_arrivals(view: ClusterView, cost: CostModel, load: DecodeLoad, batc
         if len(long_) == len(batch):
             return None
         batch = [r for r, t in zip(batch, alone) if t is None]
+
+
+def _anything_runs(view: ClusterView) -> bool:
+    """Whether a step is in flight or a decode will run: then the scheduler runs again, and long
+    prompts may wait for room. On an idle cluster without decodes nothing would end the wait (the
+    scheduler would fail the prompt as one it cannot place)."""
+    return bool(view.running) or len(view.idle) < view.num_instances
 
 
 def _long_prefill(cost: CostModel, prompt_len: int, opts: LoongOptions) -> float | None:

@@ -33,6 +33,12 @@ class LoongOptions:
       TPOT target (0: none);
     - `keep_free`, `keep_free_after_s`: a prefill predicted to take longer than the latter leaves
       the former number of decode-free instances out, for work that arrives meanwhile (0: off);
+    - `keep_free_solo_after_s`: a prefill on one instance predicted to take longer than this
+      does not take the last `keep_free` idle instances that hold no decode (on a cluster of more
+      than `keep_free` instances): its prompts wait as above (inf: never; on Mixed, 150K-token
+      prompts there otherwise block the chat prompts that arrive during their prefill,
+      `docs/loong.md`). Long prompts wait only while a step is in flight or a decode runs: on an
+      idle cluster nothing would end the wait;
     - `keep_free_patience`: when the room cannot be kept (the prompt's KV needs every idle
       instance), prompts whose prefill alone would take longer than `keep_free_after_s` wait, and
       the batch goes on with the others, until one of them has waited this many times its
@@ -56,6 +62,7 @@ class LoongOptions:
     slo_urgency: float = 0.8
     keep_free: int = 1
     keep_free_after_s: float = 1.0
+    keep_free_solo_after_s: float = 5.0
     keep_free_patience: float = 2.0
     tpot_target_s: float = 0.05
     consolidate: bool = True

@@ -216,11 +216,14 @@ def test_a_long_prefill_leaves_an_instance_free_for_what_arrives_meanwhile():
     assert len(kept) == 3
     assert LoongScheduling(PolicyOptions(extra={"keep_free_after_s": t4 / 2, "keep_free": 0})).dispatch(v).instances \
         == (0, 1, 2, 3)
-    # when the other three could not hold its KV, it waits (keep_free_patience 0: it does not)
-    tight = view([req(1, 9000)], free=(3000,) * 4)
+    # when the other three could not hold its KV, it waits while a fifth instance is busy
+    # (keep_free_patience 0: it does not); on an idle cluster nothing would end its wait: it goes
+    tight = view([req(1, 9000)], free=(3000,) * 4 + (0,), idle=frozenset(range(4)))
     assert LoongScheduling(PolicyOptions(extra={"keep_free_after_s": t4 / 2, "keep_free_patience": 0})) \
         .dispatch(tight).instances == (0, 1, 2, 3)
     assert LoongScheduling(PolicyOptions(extra={"keep_free_after_s": t4 / 2})).dispatch(tight).request_ids == ()
+    idle = view([req(1, 9000)], free=(3000,) * 4)
+    assert LoongScheduling(PolicyOptions(extra={"keep_free_after_s": t4 / 2})).dispatch(idle).instances == (0, 1, 2, 3)
 
 
 def test_a_long_prompt_that_would_take_every_instance_waits_and_short_ones_go_on():
@@ -232,13 +235,36 @@ def test_a_long_prompt_that_would_take_every_instance_waits_and_short_ones_go_on
     for now, expected in ((1.0, (2,)), (2 * alone - 0.01, (2,)), (2 * alone, (1, 2))):
         got = policy.dispatch(view([long_, short], free=(3000,) * 4, now=now)).request_ids
         assert sorted(got) == list(expected), now
-    assert policy.dispatch(view([long_], free=(3000,) * 4, now=1.0)).request_ids == ()
+    # alone it waits while something runs (a fifth instance is busy); on an idle cluster it goes
+    assert policy.dispatch(view([long_], free=(3000,) * 4 + (0,), idle=frozenset(range(4)), now=1.0)) \
+        .request_ids == ()
+    assert policy.dispatch(view([long_], free=(3000,) * 4, now=1.0)).request_ids == (1,)
     # in arrival order the long prompt heads the queue and is alone in the first batch (the
     # tipping point leaves the short one out of it): the short one behind it still goes
     fcfs = LoongScheduling(PolicyOptions(extra={"keep_free_after_s": t4 / 2, "order": "fcfs", "max_prefill_s": t4}))
     assert fcfs.dispatch(view([long_, short], free=(3000,) * 4, now=1.0)).request_ids == (2,)
     assert sorted(LoongScheduling(PolicyOptions(extra={"keep_free_after_s": t4 / 2, "keep_free_patience": 0})).dispatch(
         view([long_, short], free=(3000,) * 4, now=1.0)).request_ids) == [1, 2]
+
+
+def test_a_long_prefill_on_one_instance_does_not_take_the_last_free_one():
+    """One instance idle, the others busy: a prompt whose prefill alone is longer than
+    `keep_free_solo_after_s` would block every prompt that arrives during it. It waits while a
+    short prompt behind it goes, until it has waited twice its prefill alone; a second idle
+    instance free of decodes, or a shorter prefill, lets it go at once."""
+    long_, short = req(1, 9000, arrival=0.0), req(2, 100, arrival=0.5)
+    alone = COST.prefill_time([9000], 1)
+    assert COST.prefill_time([100], 1) < alone / 4
+    extra = {"keep_free_after_s": alone / 4, "keep_free_solo_after_s": alone / 2}
+    policy = LoongScheduling(PolicyOptions(extra=extra))
+    for now, expected in ((1.0, [2]), (2 * alone - 0.01, [2]), (2 * alone, [1, 2])):
+        got = policy.dispatch(view([long_, short], idle=frozenset({3}), now=now))
+        assert sorted(got.request_ids) == expected and got.instances == (3,), now
+    for other in ({"keep_free_solo_after_s": alone * 2}, {"keep_free": 0}):
+        got = LoongScheduling(PolicyOptions(extra=extra | other)).dispatch(view([long_, short], idle=frozenset({3})))
+        assert sorted(got.request_ids) == [1, 2]
+    got = policy.dispatch(view([long_], idle=frozenset({2, 3})))
+    assert got.request_ids == (1,) and len(got.instances) == 1  # the other idle one is left out
 
 
 def test_a_prompt_about_to_miss_its_ttft_target_takes_a_decoding_instance():
@@ -293,8 +319,9 @@ def test_a_long_prompt_with_a_ttft_target_waits_for_room_only_while_the_target_a
     target = 2 * alone  # 0.8 x target - alone = 0.6 x alone: sooner than 2 x alone
     long_ = RequestView(1, 0.0, 9000, 0, 16, ttft_slo_s=target)
     policy = LoongScheduling(PolicyOptions(extra={"keep_free_after_s": t4 / 2}))
-    for now, expected in ((0.55 * alone, ()), (0.65 * alone, (1,))):
-        assert policy.dispatch(view([long_], free=(3000,) * 4, now=now)).request_ids == expected, now
+    for now, expected in ((0.55 * alone, ()), (0.65 * alone, (1,))):  # a fifth instance is busy
+        v = view([long_], free=(3000,) * 4 + (0,), idle=frozenset(range(4)), now=now)
+        assert policy.dispatch(v).request_ids == expected, now
 
 
 def test_an_even_kv_split_is_checked_against_the_ranks_that_take_each_share():
