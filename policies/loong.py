@@ -267,8 +267,9 @@ def keep_room(view: ClusterView, cost: CostModel, load: DecodeLoad, lengths: lis
     free_elsewhere = sum(1 for i in view.idle - set(chosen) if i not in load.holding)
     if free_elsewhere >= keep:
         return chosen, True
+    alone_keeps = view.num_instances <= keep or cost.prefill_time(lengths, 1) <= solo_after_s
     if len(chosen) < 2:
-        return chosen, view.num_instances <= keep or cost.prefill_time(lengths, 1) <= solo_after_s
+        return chosen, alone_keeps
     if cost.prefill_time(lengths, len(chosen)) <= after_s:
         return chosen, True
     need = sum(lengths) + len(lengths)
@@ -279,8 +280,7 @@ def keep_room(view: ClusterView, cost: CostModel, load: DecodeLoad, lengths: lis
             break
         free_elsewhere += out[0] not in load.holding
         out = rest
-    return out, free_elsewhere >= keep or (len(out) < 2 and (view.num_instances <= keep or
-                                                              cost.prefill_time(lengths, 1) <= solo_after_s))
+    return out, free_elsewhere >= keep or (len(out) < 2 and alone_keeps)
 
 
 def room_for_arrivals(view: ClusterView, cost: CostModel, load: DecodeLoad, batch: list[RequestView],
