@@ -3,11 +3,12 @@
 Runs loong on 4 x TP2 (`a800-lwm7b-tp2`) with its mechanisms switched on one at a time, from the
 paper's scheduler (arrival order, a prefill takes decoding instances whenever none other is
 idle, no KV spreading, no consolidation, long prefills on every instance) to today's default, on
-the paper's datasets at fixed rates near the baselines' capacities. Prints, per run, the paper's mean normalized per-token
-latency (ms/token), the share of requests within the paper's P90-goodput SLO, the share within
-this project's length-aware SLO, and the median TPOT of requests under 8K tokens, each the mean
-over `--seeds` workloads (arrival times and lengths drawn with seeds 0, 1, ...; near capacity one
-workload's shares swing by tens of points), with the shares' lowest and highest:
+the paper's datasets at fixed rates near the baselines' capacities. Prints, per run, the paper's
+mean normalized per-token latency (ms/token), the share of requests within the paper's
+P90-goodput SLO, the share within this project's length-aware SLO, and the median TPOT of
+requests under 8K tokens, each the mean over `--seeds` workloads (arrival times and lengths
+drawn with seeds 0, 1, ...; near capacity one workload's shares swing by tens of points), with
+the shares' lowest and highest:
 
     .venv/bin/python benchmarks/loong_ablation.py [--json OUT.json] [--doc docs/loong.md] \
         [--requests N] [--seeds N]

@@ -15,7 +15,8 @@ policies (dispatch, batching with the Eq. 5 DP, scaling) and in the KV slot allo
 rest is the scheduler's own work (views, validation, steps). The goal is <= 10 ms, the bar 50 ms.
 
 Each `schedule()` runs as the engine runs it: the cyclic garbage collector paused (collections
-that come due run once the steps are sent; `--collect` lets them run inside). `add()`'s time per request is printed too: a request's view is built on arrival.
+that come due run once the steps are sent; `--collect` lets them run inside). `add()`'s time
+per request is printed too: a request's view is built on arrival.
 
     .venv/bin/python benchmarks/scheduler_time.py [--datasets sharegpt mixed leval] [--max-prefill-tokens 500000]
 """

@@ -173,20 +173,20 @@ class Scheduler:
         allocators, busy = self.allocators, self.busy
         return ClusterView(now, tuple([a.num_slots for a in allocators]), tuple([a.num_free for a in allocators]),
                            frozenset([i for i in range(len(allocators)) if i not in busy]),
-                           self._waiting_views(now), tuple(running), self.cost_model)
+                           self._waiting_views(), tuple(running), self.cost_model)
 
-    def _waiting_views(self, now: float) -> tuple[RequestView, ...]:
+    def _waiting_views(self) -> tuple[RequestView, ...]:
         epoch, views, size = self._waiting_view
         queue = self.waiting
         if epoch != queue.epoch:
             if queue.mark <= epoch:  # only appended to since
-                views += self._views_of(islice(queue, size, None), now)
+                views += self._views_of(islice(queue, size, None))
             else:
-                views = self._views_of(queue, now)
+                views = self._views_of(queue)
             self._waiting_view = (queue.epoch, views, len(queue))
         return views
 
-    def _views_of(self, requests, now: float) -> tuple[RequestView, ...]:
+    def _views_of(self, requests) -> tuple[RequestView, ...]:
         """The views of the waiting ones of `requests`."""
         cache, waiting, out = self._views, Status.WAITING, []
         for r in requests:  # the cache check inlined: this runs over long queues
