@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import math
 import sys
 
 from esp.cli.logs import LEVELS, setup_logging
@@ -14,6 +15,7 @@ from esp.engine.config import EngineConfig
 from esp.engine.errors import EngineError
 from esp.engine.generation_defaults import GenerationDefaults, defaults_of
 from esp.engine.sampling_params import SamplingParams
+from esp.engine.slo import ServiceSLO
 
 COMMANDS = ("serve", "generate", "profile", "policies", "bench")
 
@@ -41,6 +43,27 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def milliseconds(text: str) -> float:
+    """A non-negative finite number of milliseconds, returned in seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a non-negative number of milliseconds, got {text}")
+    return value / 1e3
+
+
+def positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
@@ -115,6 +138,14 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                         "(default: 4x the KV slots of all instances)")
     g.add_argument("--log-requests", type=on_off, default=True, metavar="on|off",
                    help="one log line per finished request on esp.requests (default on)")
+    t = p.add_argument_group("service SLO", "latency targets for requests that bring no slo of their own: "
+                                            "schedulers aim for them, and responses report whether they were met")
+    t.add_argument("--target-ttft-scale", type=positive_number, metavar="X",
+                   help="TTFT target: X times the predicted prefill of the prompt alone on one instance "
+                        "(default: none)")
+    t.add_argument("--target-ttft-floor-ms", type=milliseconds, default=0.0, metavar="MS",
+                   help="the least TTFT target; without --target-ttft-scale, the target (default 0: none)")
+    t.add_argument("--target-tpot-ms", type=positive_number, metavar="MS", help="TPOT target (default: none)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -129,7 +160,14 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_prefill_tokens=args.max_prefill_tokens, max_batch_size=args.max_batch_size, decode_steps=args.decode_steps,
         policy_options=options | ({"chunk_size": args.chunk_size} if args.chunk_size else {}),
         max_waiting_requests=args.max_waiting_requests, max_waiting_tokens=args.max_waiting_tokens,
-        log_requests=args.log_requests)
+        log_requests=args.log_requests, slo=service_slo(args))
+
+
+def service_slo(args: argparse.Namespace) -> ServiceSLO | None:
+    tpot = args.target_tpot_ms and args.target_tpot_ms / 1e3
+    if args.target_ttft_scale is None and not args.target_ttft_floor_ms and tpot is None:
+        return None
+    return ServiceSLO(args.target_ttft_scale, args.target_ttft_floor_ms, tpot)
 
 
 def build_parser() -> Parser:

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
 
+from esp.engine.slo import ServiceSLO
+
 
 def dtype_name(name: str, device: str = "cpu") -> str:
     """The dtype `--dtype` means on a device (auto: bfloat16 on CUDA, float32 on CPU)."""
@@ -51,7 +53,9 @@ class EngineConfig:
     cluster's KV slots. `max_restarts`: attempts to restart failed workers before the engine is
     down. `log_requests`: one INFO line per finished request on the `esp.requests` logger.
     `charge_scheduler` (simulator): each step starts after the wall time its `schedule()` took,
-    so the virtual clock pays for the scheduler as a real engine does."""
+    so the virtual clock pays for the scheduler as a real engine does. `slo`: the latency
+    targets of the service (`esp.engine.slo.ServiceSLO`), for requests that bring no `slo` of
+    their own: schedulers aim for them, and every response reports whether they were met."""
 
     model: str | None = None
     instances: int = 1
@@ -75,6 +79,7 @@ class EngineConfig:
     max_restarts: int = 3
     log_requests: bool = True
     charge_scheduler: bool = False
+    slo: ServiceSLO | None = None
 
     def __post_init__(self) -> None:
         if self.instances < 1:

@@ -220,14 +220,14 @@ class Engine:
     # -- requests -----------------------------------------------------------------------
     async def generate(self, prompt: str | list[int] | EncodedPrompt, params: SamplingParams | None = None,
                        request_id: str | None = None, slo: LatencySLO | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream outputs until the request finishes. `slo`: the client's latency targets (the
-        scheduler may use them; the last output reports them in `esp["slo"]`). The first step
-        raises `InvalidRequest`, `Overloaded` or `EngineUnavailable`; closing the iterator early
-        aborts the request."""
+        """Stream outputs until the request finishes. `slo`: the client's latency targets, in place
+        of the service's (`EngineConfig.slo`) field by field (the scheduler may use them; the last
+        output reports them in `esp["slo"]`). The first step raises `InvalidRequest`, `Overloaded`
+        or `EngineUnavailable`; closing the iterator early aborts the request."""
         params = params or defaults_of(self.tokenizer).sampling_params()
         ids = prompt.ids if isinstance(prompt, EncodedPrompt) else (await self.encode(prompt)).ids
         req = self._admit(ids, params, request_id)
-        req.slo = slo
+        req.slo = self.config.slo.for_request(len(ids), self._solo_prefill, slo) if self.config.slo else slo
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[req.id] = queue
         self._ids[req.external_id] = req.id
@@ -244,6 +244,9 @@ class Engine:
             if req.finish_reason is None:
                 self.abort(req.external_id)
             self._forget(req)
+
+    def _solo_prefill(self, prompt_len: int) -> float:
+        return self.cost_model.prefill_time([prompt_len], 1)
 
     async def encode(self, prompt: str | list[int]) -> EncodedPrompt:
         """Checked token ids of a prompt (a `SyntheticPrompt` is taken as it is: a length only)."""

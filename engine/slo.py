@@ -1,7 +1,9 @@
-"""A client's latency targets for one request (the body's optional `slo`), and how it did."""
+"""A client's latency targets for one request (the body's optional `slo`), the targets a server
+holds requests to that bring none (`ServiceSLO`), and how a request did."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from esp.engine.errors import InvalidRequest
@@ -36,3 +38,41 @@ class LatencySLO:
         return {"ttft_ms": None if self.ttft_s is None else self.ttft_s * 1e3,
                 "tpot_ms": None if self.tpot_s is None else self.tpot_s * 1e3,
                 "ttft_met": met(self.ttft_s, timing.ttft_s), "tpot_met": met(self.tpot_s, timing.tpot_s)}
+
+
+def length_aware_ttft(prompt_len: int, scale: float | None, floor_s: float,
+                      predict_prefill: Callable[[int], float] | None) -> float | None:
+    """max(`floor_s`, `scale` x the predicted prefill of the prompt alone): LoongServe's and
+    DistServe's length-aware TTFT target; `floor_s` alone without a scale or a predictor, None
+    when that is 0 too."""
+    if scale is None or predict_prefill is None:
+        return floor_s or None
+    return max(floor_s, scale * float(predict_prefill(prompt_len)))
+
+
+@dataclass(frozen=True)
+class ServiceSLO:
+    """The latency targets of a server (`EngineConfig.slo`): TTFT <= max(`ttft_floor_s`,
+    `ttft_scale` x the predicted prefill of the prompt alone on one instance) and TPOT <= `tpot_s`
+    (None: no such target). A request's own `slo` replaces them field by field; the scheduler sees
+    the result as the request's targets, and `usage.esp.slo` reports it."""
+
+    ttft_scale: float | None = None
+    ttft_floor_s: float = 0.0
+    tpot_s: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("ttft_scale", "tpot_s"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"slo {name} must be a positive number, got {value!r}")
+        if not (math.isfinite(self.ttft_floor_s) and self.ttft_floor_s >= 0):
+            raise ValueError(f"slo ttft_floor_s must be at least 0, got {self.ttft_floor_s!r}")
+
+    def for_request(self, prompt_len: int, predict_prefill: Callable[[int], float],
+                    own: LatencySLO | None = None) -> LatencySLO | None:
+        """The targets of a request of `prompt_len` tokens that asked for `own`."""
+        ttft = own.ttft_s if own is not None and own.ttft_s is not None else \
+            length_aware_ttft(prompt_len, self.ttft_scale, self.ttft_floor_s, predict_prefill)
+        tpot = own.tpot_s if own is not None and own.tpot_s is not None else self.tpot_s
+        return None if ttft is None and tpot is None else LatencySLO(ttft, tpot)

@@ -35,6 +35,8 @@ def test_cli_generate_json_is_greedy_and_matches_the_engine():
     (["serve", "--instances", "0"], "positive integer"),
     (["generate", "--prompt", "x", "--policy-option", "order=sjf"], "loong option order='sjf': one of hrrn, fcfs"),
     (["generate", "--prompt", "x", "--policy-option", "noequals"], "must be KEY=VALUE"),
+    (["generate", "--prompt", "x", "--target-tpot-ms", "0"], "must be a positive number, got 0"),
+    (["generate", "--prompt", "x", "--target-ttft-floor-ms", "-1"], "non-negative number of milliseconds"),
 ])
 def test_cli_bad_flags_give_one_line_and_nonzero_exit(args, message):
     res = subprocess.run([sys.executable, "-m", "esp.cli.main", *args], capture_output=True, text=True, timeout=120)
@@ -43,14 +45,21 @@ def test_cli_bad_flags_give_one_line_and_nonzero_exit(args, message):
 
 
 def test_serve_flag_parsing():
-    from esp.cli.main import build_parser
+    from esp.cli.main import build_parser, engine_config
     from esp.cli.serve import curl_example
+    from esp.engine.slo import ServiceSLO
 
     args = build_parser().parse_args(["serve", "--max-body-bytes", "1M", "--allowed-origins", "http://a.test/, *",
                                       "--shutdown-timeout", "2.5", "--max-waiting-requests", "none",
                                       "--log-requests", "off", "--port", "0"])
     assert (args.max_body_bytes, args.allowed_origins, args.shutdown_timeout) == (1 << 20, ("http://a.test", "*"), 2.5)
     assert args.max_waiting_requests is None and args.log_requests is False and args.port == 0
+    assert engine_config(args).slo is None
+    args = build_parser().parse_args(["serve", "--target-ttft-scale", "5", "--target-ttft-floor-ms", "250",
+                                      "--target-tpot-ms", "100"])
+    assert engine_config(args).slo == ServiceSLO(ttft_scale=5.0, ttft_floor_s=0.25, tpot_s=0.1)
+    args = build_parser().parse_args(["serve", "--target-tpot-ms", "50"])
+    assert engine_config(args).slo == ServiceSLO(tpot_s=0.05)
     curl = curl_example("http://0.0.0.0:8000", "secret", from_env=True)
     assert curl.startswith("curl http://127.0.0.1:8000/v1/completions ") and "Bearer $ESP_API_KEY" in curl
     assert "secret" not in curl_example("http://[::]:8000", "secret", from_env=False)

@@ -518,6 +518,7 @@ async def test_openapi_describes_every_route_with_the_enforced_bounds(engine, ur
 async def test_slo_is_echoed_with_its_attainment(engine, url, http):
     body = {"model": engine.model_name, "prompt": PROMPT, "max_tokens": 6, "temperature": 0, "ignore_eos": True}
     expected = await oracle(engine, PROMPT, max_tokens=6, temperature=0, ignore_eos=True)
+    before = await scrape(http, url)
     status, out = await post(http, url, "/v1/completions", {**body, "slo": {"ttft_ms": 3.6e6, "tpot_ms": 1e-3}})
     assert status == 200 and out["choices"][0]["text"] == expected.text
     assert out["usage"]["esp"]["slo"] == {"ttft_ms": 3.6e6, "tpot_ms": 1e-3, "ttft_met": True, "tpot_met": False}
@@ -525,4 +526,11 @@ async def test_slo_is_echoed_with_its_attainment(engine, url, http):
     assert out["usage"]["esp"]["slo"] == {"ttft_ms": 1e-3, "tpot_ms": None, "ttft_met": False, "tpot_met": None}
     status, out = await post(http, url, "/v1/completions", body)
     assert "slo" not in out["usage"]["esp"]
+    after = await scrape(http, url)
+
+    def counted(target, met):
+        key = ("esp_slo_requests_total", (("met", met), ("target", target)))
+        return after.get(key, 0) - before.get(key, 0)
+    assert [counted("ttft", "true"), counted("ttft", "false"), counted("tpot", "true"), counted("tpot", "false")] \
+        == [1, 1, 0, 1]
     await wait_all_free(engine)

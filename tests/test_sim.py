@@ -9,6 +9,7 @@ import pytest
 from esp.engine import EngineConfig, SamplingParams
 from esp.engine.engine import Engine
 from esp.engine.sim import SyntheticPrompt, run_virtual
+from esp.engine.slo import LatencySLO, ServiceSLO
 from esp.costs.cost_model import CostModel
 from esp.engine.protocol import DecodeBatch, DecodeRows, DecodeSeq
 from esp.engine.sim import iteration_times
@@ -156,16 +157,13 @@ def test_the_garbage_collector_is_paused_while_steps_are_planned_and_sent(profil
     assert seen["between"] and all(seen["between"])
 
 
-def test_a_ttft_target_moves_a_request_ahead_in_loong_dispatch(profile):
-    """One instance busy until 3 s with a 10-token prefill; at 1 s a 5-token request and a
-    20-token one arrive. By response ratio at 3 s the short one leads ((2 + 1.75) / 1.75 against
-    (2 + 7) / 7) unless the long one's 1 s TTFT target is its budget ((2 + 7) / 1). A 2 s tipping
-    point keeps each prefill alone."""
-    from esp.engine.slo import LatencySLO
-
-    async def main(slo):
+def three_prompts(profile: str, own=None, service=None) -> list[tuple[float, dict | None]]:
+    """(end, `usage.esp.slo`) of three one-token requests under loong on one instance: 10 tokens at
+    0 s (its prefill ends at 3 s), then 5 and 20 tokens at 1 s, the last with the target `own`,
+    on an engine serving `service`. A 2 s tipping point keeps each prefill alone."""
+    async def main():
         config = EngineConfig(backend="sim", profile=profile, kv_tokens_per_instance=1000, policy="loong",
-                              policy_options={"max_prefill_s": 2.0})
+                              policy_options={"max_prefill_s": 2.0}, slo=service)
         async with Engine(config) as engine:
             loop = asyncio.get_running_loop()
 
@@ -175,12 +173,32 @@ def test_a_ttft_target_moves_a_request_ahead_in_loong_dispatch(profile):
                                                  slo=target):
                     pass
                 return loop.time(), out.esp.get("slo")
-            return await asyncio.gather(one(0.0, 10), one(1.0, 5), one(1.0, 20, slo))
-    (a, _), (b, _), (c, report) = run_virtual(main(None))
+            return await asyncio.gather(one(0.0, 10), one(1.0, 5), one(1.0, 20, own))
+    return run_virtual(main())
+
+
+def test_a_ttft_target_moves_a_request_ahead_in_loong_dispatch(profile):
+    """By response ratio at 3 s the 5-token request leads ((2 + 1.75) / 1.75 against (2 + 7) / 7)
+    unless the 20-token one's 1 s TTFT target is its budget ((2 + 7) / 1)."""
+    (a, _), (b, _), (c, report) = three_prompts(profile)
     assert (a, b, c) == pytest.approx((3.0, 4.75, 11.75)) and report is None
-    (a, _), (b, _), (c, report) = run_virtual(main(LatencySLO(ttft_s=1.0)))
+    (a, _), (b, _), (c, report) = three_prompts(profile, LatencySLO(ttft_s=1.0))
     assert (a, b, c) == pytest.approx((3.0, 11.75, 10.0))
     assert report == {"ttft_ms": 1000.0, "tpot_ms": None, "ttft_met": False, "tpot_met": None}
+
+
+def test_the_services_slo_is_every_requests_unless_it_brings_its_own(profile):
+    """A service TTFT target of 1 s for everyone puts the 20-token request ahead as its own target
+    did ((2 + 7) / 1 against (2 + 1.75) / 1); twice the prefill alone (14 s and 3.5 s) keeps the
+    short one first ((2 + 1.75) / 3.5 against (2 + 7) / 14). A request's own target replaces the
+    service's field by field."""
+    runs = three_prompts(profile, service=ServiceSLO(ttft_floor_s=1.0))
+    assert [t for t, _ in runs] == pytest.approx([3.0, 11.75, 10.0])
+    assert [r["ttft_ms"] for _, r in runs] == [1000.0] * 3 and {r["tpot_ms"] for _, r in runs} == {None}
+    runs = three_prompts(profile, LatencySLO(tpot_s=0.25), ServiceSLO(ttft_scale=2.0, tpot_s=0.5))
+    assert [t for t, _ in runs] == pytest.approx([3.0, 4.75, 11.75])
+    assert [r["ttft_ms"] for _, r in runs] == pytest.approx([6e3, 3.5e3, 14e3])
+    assert [r["tpot_ms"] for _, r in runs] == pytest.approx([500, 500, 250])
 
 
 def test_the_simulator_runs_the_engines_rounds_and_checks_their_length():

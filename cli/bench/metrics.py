@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from esp.engine.slo import ServiceSLO, length_aware_ttft
+
 #: Default prompt-length bucket edges (tokens): [0,1K), [1K,8K), [8K,32K), [32K,128K), [128K,inf).
 DEFAULT_BUCKETS: tuple[int, ...] = (0, 1024, 8192, 32768, 131072)
 
@@ -109,9 +111,11 @@ class SLO:
     predict_prefill: Callable[[int], float] | None = None
 
     def ttft_limit(self, input_len: int) -> float:
-        if self.predict_prefill is None:
-            return self.ttft_floor_s
-        return max(self.ttft_floor_s, self.ttft_scale * float(self.predict_prefill(input_len)))
+        return length_aware_ttft(input_len, self.ttft_scale, self.ttft_floor_s, self.predict_prefill) or 0.0
+
+    def service(self) -> ServiceSLO:
+        """These targets as an engine's `EngineConfig.slo` (its cost model predicts the prefill)."""
+        return ServiceSLO(self.ttft_scale, self.ttft_floor_s, self.tpot_s)
 
     def attained(self, r: RequestRecord) -> bool:
         if not r.completed:

@@ -80,7 +80,7 @@ class System:
     instances: int
     options: Mapping = field(default_factory=dict)
     chunked: bool = False
-    tells_slo: bool = False  # each request carries the project's SLO as its `slo` hint
+    serves_slo: bool = False  # the engine is given the project's SLO as its own (`EngineConfig.slo`)
 
 
 SYSTEMS = {s.key: s for s in (
@@ -92,7 +92,7 @@ SYSTEMS = {s.key: s for s in (
     System("replicas-tp2x4", "replicas TP2x4", "replicas", 2, 4),
     System("loong-no-scaleup", "loong w/o scale-up", "loong", 2, 4, NO_SCALE_UP),
     System("loong-fcfs", "loong, FCFS order", "loong", 2, 4, {"order": "fcfs"}),
-    System("loong-slo", "loong told the esp SLO", "loong", 2, 4, tells_slo=True),
+    System("loong-slo", "loong serving the esp SLO", "loong", 2, 4, serves_slo=True),
 )}
 
 
@@ -203,12 +203,13 @@ class Point:
                                       "ttft_s", "tpot_s", "success", "error")}}
 
 
-def engine_config(system: System, profile: str, chunk: int):
+def engine_config(system: System, profile: str, chunk: int, slo: SLO | None = None):
+    """`slo`: the project's, which the engine serves if `system.serves_slo`."""
     from esp.engine.config import EngineConfig
     options = dict(system.options) | ({"chunk_size": chunk} if system.chunked else {})
     return EngineConfig(instances=system.instances, policy=system.policy, backend="sim", profile=profile,
                         policy_options=options, max_waiting_requests=None, max_waiting_tokens=sys.maxsize,
-                        log_requests=False)
+                        log_requests=False, slo=slo.service() if system.serves_slo and slo else None)
 
 
 def run_point(system: System, profile: str, dataset: DatasetSpec, workload: list[TraceRequest], rate: float,
@@ -216,13 +217,8 @@ def run_point(system: System, profile: str, dataset: DatasetSpec, workload: list
     from esp.cli.bench.runner import engine_records
     from esp.engine.sim import run_virtual
     t0 = time.perf_counter()
-    slo_of = None
-    if system.tells_slo:
-        from esp.engine.slo import LatencySLO
-        attain = slos["attain"]
-        slo_of = lambda n: LatencySLO(attain.ttft_limit(n), attain.tpot_s)  # noqa: E731
-    records, duration, _ = run_virtual(engine_records(engine_config(system, profile, dataset.chunk), workload, seed,
-                                                      slo_of=slo_of))
+    records, duration, _ = run_virtual(engine_records(engine_config(system, profile, dataset.chunk, slos["attain"]),
+                                                      workload, seed))
     return Point(rate, records, duration, time.perf_counter() - t0, normalized_latencies(records),
                  {m: attainment(records, slo) for m, slo in slos.items()})
 

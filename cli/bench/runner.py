@@ -111,14 +111,13 @@ async def replay(workload: list[TraceRequest], prompts: list[list[int]], send: S
     return list(records), loop.time() - t0
 
 
-def engine_sender(engine, slo_of: Callable[[int], object] | None = None) -> Sender:
-    """`slo_of(prompt tokens)`: the `LatencySLO` each request tells the engine (None: none)."""
+def engine_sender(engine) -> Sender:
     from esp.engine.sampling_params import SamplingParams
 
     async def send(prompt: list[int], max_tokens: int, on_token: Callable[[], None]) -> tuple[int, str]:
         n, error = 0, ""
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0)
-        async for out in engine.generate(prompt, params, slo=slo_of(len(prompt)) if slo_of else None):
+        async for out in engine.generate(prompt, params):
             if out.new_token_ids:
                 on_token()
                 n += len(out.new_token_ids)
@@ -185,18 +184,16 @@ async def _run_one(args, label: str, rate: float | None, workload, vocab: int, s
 
 
 async def engine_records(cfg, workload: list[TraceRequest], seed: int = 0, label: str = "",
-                         progress: bool = False, slo_of: Callable[[int], object] | None = None
-                         ) -> tuple[list[RequestRecord], float, object]:
+                         progress: bool = False) -> tuple[list[RequestRecord], float, object]:
     """Replay ``workload`` on a fresh in-process engine built from ``cfg`` (real or simulated: run
-    it under :func:`esp.engine.sim.run_virtual` for ``backend="sim"``), each request telling the
-    engine ``slo_of(prompt tokens)`` as its SLO when given. Returns the records, the run's
-    duration and the engine's cost model."""
+    it under :func:`esp.engine.sim.run_virtual` for ``backend="sim"``). Returns the records, the
+    run's duration and the engine's cost model."""
     from esp.engine.engine import Engine
     async with Engine(cfg) as engine:
         vocab = engine.model_config.vocab_size
         vocab = min(vocab, getattr(engine.tokenizer, "vocab_size", None) or vocab)
         prompts = _prompts(workload, seed, vocab, cfg.backend == "sim")
-        records, duration = await _replay_with_bar(workload, prompts, engine_sender(engine, slo_of), label, progress)
+        records, duration = await _replay_with_bar(workload, prompts, engine_sender(engine), label, progress)
         return records, duration, engine.cost_model
 
 

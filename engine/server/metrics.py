@@ -113,6 +113,8 @@ class Metrics:
                                   registry=r)
         self.migrations = Counter("esp_migrations", "KV migrations between instances", registry=r)
         self.preemptions = Counter("esp_num_preemptions", "Preemptions of finished requests", registry=r)
+        self.slo = Counter("esp_slo_requests", "Finished requests with a latency target (their own or the "
+                           "service's), by target (ttft, tpot) and whether they met it", ["target", "met"], registry=r)
 
     def reject(self, reason: str) -> None:
         self.rejected.labels(reason).inc()
@@ -153,6 +155,11 @@ class Metrics:
         self.scale_up.inc(kinds.count("scale_up"))
         self.migrations.inc(kinds.count("migrate"))
         self.preemptions.inc(esp.get("preemptions") or 0)
+        slo = esp.get("slo") or {}
+        for target in ("ttft", "tpot"):
+            met = slo.get(f"{target}_met")
+            if met is not None:
+                self.slo.labels(target, str(met).lower()).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
