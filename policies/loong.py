@@ -110,7 +110,9 @@ class LoongScheduling(SchedulingPolicy):
                 pause: float, skip=None) -> list[RequestView]:
         """Step 1's batch: prompts in `order` (but those `skip` names) while their KV fits now and
         in the future (at most `lookahead` that do not fit are overtaken, none that has waited
-        `max_overtaken_s`), up to the tipping point or the tolerated `pause`."""
+        `max_overtaken_s`), up to the tipping point or the tolerated `pause`. The first prompt
+        goes whatever the tipping point, if its prefill fits the `pause`; one whose prefill does
+        not is overtaken (within `lookahead`) until it has waited its patience."""
         opts = self.loong
         max_s = min(pause, opts.max_prefill_s or cost.prefill_time([self.options.max_prefill_tokens], 1))
         room_now = sum(view.free_slots[i] - load.newest[i] for i in instances)
@@ -128,9 +130,15 @@ class LoongScheduling(SchedulingPolicy):
                 if skipped > opts.lookahead or view.now - req.arrival_s > opts.max_overtaken_s:
                     break
                 continue
-            if (chosen or pause < math.inf) and (len(chosen) >= self.options.max_batch_size or cost.prefill_time_of_sums(
-                    tokens + n, squares + n * n, len(chosen) + 1, len(instances)) > max_s):
-                break
+            if chosen:
+                if len(chosen) >= self.options.max_batch_size or cost.prefill_time_of_sums(
+                        tokens + n, squares + n * n, len(chosen) + 1, len(instances)) > max_s:
+                    break
+            elif pause < math.inf and cost.prefill_time_of_sums(n, n * n, 1, len(instances)) > pause:
+                skipped += 1
+                if skipped > opts.lookahead or not _overtaken_for_pause(view, cost, req, opts):
+                    break
+                continue
             chosen.append(req)
             tokens, squares = tokens + n, squares + n * n
             room_now -= n + 1
@@ -317,6 +325,14 @@ def _long_prefill(cost: CostModel, prompt_len: int, opts: LoongOptions) -> float
     """A prompt's prefill alone on one instance when longer than `keep_free_after_s`, else None."""
     t = cost.prefill_time([prompt_len], 1)
     return t if t > opts.keep_free_after_s else None
+
+
+def _overtaken_for_pause(view: ClusterView, cost: CostModel, req: RequestView, opts: LoongOptions) -> bool:
+    """Whether shorter prompts may go before `req`, whose prefill alone is longer than the pause
+    the decodes of the instance it would take tolerate: until it has waited its patience
+    (:func:`_patience`). Then it stops the queue, and the instances drain of decodes for it."""
+    alone = cost.prefill_time([req.remaining_prompt], 1)
+    return view.now - req.arrival_s < _patience(req, alone, opts)
 
 
 def _patience(req: RequestView, alone: float, opts: LoongOptions) -> float:

@@ -11,7 +11,7 @@ from dp_oracles import brute_force
 
 from esp.costs.cost_model import CostModel
 from esp.policies import ClusterView, PolicyOptions, RequestView
-from esp.policies.base import KeepPlan
+from esp.policies.base import Dispatch, KeepPlan
 from esp.policies.loong import LoongBatching, LoongScheduling, ResponseRatio
 from esp.policies.loong_scaling import spread
 
@@ -134,6 +134,36 @@ def test_a_prefill_takes_a_decoding_instance_only_when_its_decodes_tolerate_the_
     # the request's own TPOT target counts, not the default
     v = view(waiting, running=[decoding(9, {0: 1000}, left=100, tpot_slo_s=0.012)], idle=frozenset({0}))
     assert LoongScheduling(PolicyOptions()).dispatch(v).request_ids == ()
+
+
+def test_a_prompt_over_the_tipping_point_takes_a_decoding_instance_whose_decodes_tolerate_it():
+    """The tipping point bounds how many prompts a batch takes, never whether one goes (a prompt
+    over `max_prefill_tokens` used to wait for an instance free of decodes)."""
+    prefill = COST.prefill_time([3000], 1)
+    assert prefill <= (0.05 - COST.decode_time(1, 1000)) * 100
+    running = [decoding(9, {0: 1000}, left=100)]
+    tipping = PolicyOptions(max_prefill_tokens=1000)
+    v = view([req(5, 3000)], running=running, idle=frozenset({0}))
+    assert LoongScheduling(tipping).dispatch(v) == Dispatch((5,), (0,))
+    v = view([req(5, 3000), req(6, 3000)], running=running, idle=frozenset({0}))
+    assert LoongScheduling(tipping).dispatch(v) == Dispatch((5,), (0,))
+    assert LoongScheduling(PolicyOptions()).dispatch(v) == Dispatch((5, 6), (0,))
+
+
+def test_prompts_the_decodes_tolerate_overtake_one_they_do_not_until_it_has_waited_its_patience():
+    """The long prompt's prefill (0.49 s) is more than the decodes tolerate (0.2 s): the short one
+    behind it goes first until the long one has waited `keep_free_patience` (2) times that
+    prefill; then nothing goes, and the instance drains of decodes for the long one."""
+    running = [decoding(9, {0: 1000}, left=5)]
+    tolerance = (0.05 - COST.decode_time(1, 1000)) * 5
+    alone = COST.prefill_time([3000], 1)
+    assert COST.prefill_time([100], 1) <= tolerance < alone
+    for now, expected in ((1.5 * alone, (2,)), (2.5 * alone, ())):
+        v = view([req(1, 3000, arrival=0.0), req(2, 100, arrival=now - 0.01)], running=running,
+                 idle=frozenset({0}), now=now)
+        assert [r.request_id for r in dispatch_order(v, COST)][0] == 1
+        assert LoongScheduling(PolicyOptions()).dispatch(v).request_ids == expected, now
+        assert LoongScheduling(PolicyOptions(extra={"keep_free_patience": 0})).dispatch(v).request_ids == ()
 
 
 def test_decode_free_instances_come_first():
