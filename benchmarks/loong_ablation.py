@@ -37,7 +37,8 @@ VARIANTS = (
     ("+ KV spread, consolidation", {"keep_free": 0}),
     ("+ room for arrivals", {"keep_free_patience": 0}),
     ("+ long prompts wait for room", {"keep_free_solo_after_s": "inf"}),
-    ("+ also for one-instance prefills (default)", {}),
+    ("+ also for one-instance prefills", {"keep_free_after_s": 1.0}),
+    ("+ room only past 2 s (default)", {}),
     ("default, FCFS order", {"order": "fcfs"}),
 )
 #: (dataset, rate): near where vLLM-TP8 and chunked-TP8 cross the per-token SLO (docs/results.md)
