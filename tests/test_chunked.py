@@ -14,7 +14,7 @@ from esp.engine.request import Status
 from esp.engine.scheduler import Scheduler
 from esp.policies import Batch, Dispatch, PolicyOptions, load_policy_set
 from esp.policies.chunked import ChunkedBatching, ChunkedScheduling
-from tests.scheduler_helpers import make_request, run_until_idle, sampled_by
+from scheduler_helpers import make_request, run_until_idle, sampled_by
 
 
 def chunked(chunk: int, max_batch: int = 256):
