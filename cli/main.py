@@ -46,25 +46,24 @@ def positive_int(text: str) -> int:
     return value
 
 
-def milliseconds(text: str) -> float:
-    """A non-negative finite number of milliseconds, returned in seconds."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a non-negative number of milliseconds, got {text}")
-    return value / 1e3
+def flag_type(convert, ok, what: str):
+    """An argparse type: `convert(text)` must succeed and satisfy `ok`, else one line naming `what`."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+    return parse
 
 
-def positive_number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+positive_number = flag_type(float, lambda v: 0 < v < math.inf, "a positive number")
+#: milliseconds on the command line, seconds in the config
+milliseconds = flag_type(lambda t: float(t) / 1e3, lambda v: 0 <= v < math.inf, "a non-negative number of milliseconds")
+positive_milliseconds = flag_type(lambda t: float(t) / 1e3, lambda v: 0 < v < math.inf,
+                                  "a positive number of milliseconds")
 
 
 def count_or_none(text: str) -> int | None:
@@ -145,7 +144,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                         "(default: none)")
     t.add_argument("--target-ttft-floor-ms", type=milliseconds, default=0.0, metavar="MS",
                    help="the least TTFT target; without --target-ttft-scale, the target (default 0: none)")
-    t.add_argument("--target-tpot-ms", type=positive_number, metavar="MS", help="TPOT target (default: none)")
+    t.add_argument("--target-tpot-ms", type=positive_milliseconds, metavar="MS", help="TPOT target (default: none)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -164,10 +163,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 
 
 def service_slo(args: argparse.Namespace) -> ServiceSLO | None:
-    tpot = args.target_tpot_ms and args.target_tpot_ms / 1e3
-    if args.target_ttft_scale is None and not args.target_ttft_floor_ms and tpot is None:
+    if args.target_ttft_scale is None and not args.target_ttft_floor_ms and args.target_tpot_ms is None:
         return None
-    return ServiceSLO(args.target_ttft_scale, args.target_ttft_floor_ms, tpot)
+    return ServiceSLO(args.target_ttft_scale, args.target_ttft_floor_ms, args.target_tpot_ms)
 
 
 def build_parser() -> Parser:

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 
+from esp.cli.main import flag_type
 from esp.engine.config import EngineConfig
 
 log = logging.getLogger("esp.cli")
@@ -38,21 +39,8 @@ def byte_size(text: str) -> int:
     return value
 
 
-def _flag(convert, ok, what: str):
-    """An argparse type: `convert(text)` must succeed and satisfy `ok`, else one line naming `what`."""
-    def parse(text: str):
-        try:
-            value = convert(text)
-        except ValueError:
-            value = None
-        if value is None or not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
-        return value
-    return parse
-
-
-port_number = _flag(int, lambda v: 0 <= v <= 65535, "a port number 0..65535 (0: any free port)")
-seconds = _flag(float, lambda v: v >= 0, "a non-negative number of seconds")
+port_number = flag_type(int, lambda v: 0 <= v <= 65535, "a port number 0..65535 (0: any free port)")
+seconds = flag_type(float, lambda v: v >= 0, "a non-negative number of seconds")
 
 
 def origins(text: str) -> tuple[str, ...]:

@@ -35,7 +35,7 @@ def test_cli_generate_json_is_greedy_and_matches_the_engine():
     (["serve", "--instances", "0"], "positive integer"),
     (["generate", "--prompt", "x", "--policy-option", "order=sjf"], "loong option order='sjf': one of hrrn, fcfs"),
     (["generate", "--prompt", "x", "--policy-option", "noequals"], "must be KEY=VALUE"),
-    (["generate", "--prompt", "x", "--target-tpot-ms", "0"], "must be a positive number, got 0"),
+    (["generate", "--prompt", "x", "--target-tpot-ms", "0"], "must be a positive number of milliseconds, got 0"),
     (["generate", "--prompt", "x", "--target-ttft-floor-ms", "-1"], "non-negative number of milliseconds"),
 ])
 def test_cli_bad_flags_give_one_line_and_nonzero_exit(args, message):
