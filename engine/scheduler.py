@@ -8,7 +8,6 @@ sampled tokens. The scheduler is plain synchronous code, testable on CPU with ha
 from __future__ import annotations
 
 import time
-from array import array
 from itertools import islice
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType

@@ -1,9 +1,9 @@
 """The `loong` bundle: elastic sequence parallelism with LoongServe's scheduler (paper section 5),
 and what it takes to win beyond the paper (docs/loong.md).
 
-1. dispatch (`LoongScheduling`): waiting requests by highest response ratio (or FCFS), memory
-   admission on each request's future maximum KV, the prefill batch stopped at the cost
-   model's tipping point, bounded out-of-order admission;
+1. dispatch (`LoongScheduling`): waiting requests by highest response ratio or FCFS
+   (`esp.policies.dispatch_order`), memory admission on each request's future maximum KV, the
+   prefill batch stopped at the cost model's tipping point, bounded out-of-order admission;
 2. elastic instance allocation (`first_instances`, `allocate_instances`): idle instances that
    hold no decode KV first; a decoding one only for memory, or when none other is idle and its
    decodes tolerate the pause; then more decoding ones while the paper's Eq. 1/2 gain in the
@@ -19,18 +19,16 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from esp.costs.cost_model import CostModel
 from esp.policies.base import Batch, ClusterView, Dispatch, PolicyOptions, PolicySet, RequestView, SchedulingPolicy
 from esp.policies.batching_dp import plan_batches
 from esp.policies.decode_load import DecodeLoad
+from esp.policies.dispatch_order import ORDERS
 from esp.policies.fcfs import FCFSBatching
 from esp.policies.loong_options import LoongOptions
 from esp.policies.loong_scaling import FALLBACK_COST, LoongScaling
 
-__all__ = ["LoongBatching", "LoongScaling", "LoongScheduling", "allocate_instances", "dispatch_order",
-           "first_instances", "loong"]
+__all__ = ["LoongBatching", "LoongScaling", "LoongScheduling", "allocate_instances", "first_instances", "loong"]
 
 
 class LoongScheduling(SchedulingPolicy):
@@ -39,45 +37,22 @@ class LoongScheduling(SchedulingPolicy):
     def __init__(self, options: PolicyOptions) -> None:
         super().__init__(options)
         self.loong = LoongOptions.of(options.extra)
-        self._order = ResponseRatio()
-
-    def _shortest_prefill(self, view: ClusterView, cost: CostModel) -> float:
-        """A lower bound of the prefill time of every request dispatch may start with."""
-        if self.loong.order == "hrrn":
-            return self._order.prepare(view, cost).shortest
-        heads = view.waiting[:self.loong.lookahead + 1]
-        return min(cost.prefill_time([r.remaining_prompt], 1) for r in heads)
-
-    def _urgency(self, view: ClusterView, cost: CostModel) -> float:
-        """The highest response ratio in the queue (of its head, in FCFS order)."""
-        if self.loong.order == "hrrn":
-            return self._order.prepare(view, cost).highest(view.now)
-        head = view.waiting[0]
-        alone = cost.prefill_time([head.remaining_prompt], 1)
-        return (view.now - head.arrival_s + alone) / (head.ttft_slo_s or alone)
-
-    def _slo_urgency(self, view: ClusterView, cost: CostModel) -> float:
-        """The largest share of its TTFT target that a waiting prompt with one will have used
-        when its prefill alone ends, if it starts now (0 when none has a target)."""
-        if self.loong.order == "hrrn":
-            return self._order.prepare(view, cost).highest(view.now, with_target=True)
-        return max(((view.now - r.arrival_s + cost.prefill_time([r.remaining_prompt], 1)) / r.ttft_slo_s
-                    for r in view.waiting[:self.loong.lookahead + 1] if r.ttft_slo_s), default=0.0)
+        self._order = ORDERS[self.loong.order]()
 
     def dispatch(self, view: ClusterView) -> Dispatch:
         if not view.idle or not view.waiting:
             return Dispatch()
         cost, opts = view.cost_model or FALLBACK_COST, self.loong
         load = DecodeLoad.of(view, opts.tpot_target_s)
-        preempt = opts.preempt
+        preempt, queue, heads = opts.preempt, self._order, opts.lookahead + 1
         if preempt == "tolerable" and not view.idle - load.holding:
-            if (opts.urgent_ratio < math.inf and self._urgency(view, cost) >= opts.urgent_ratio) or \
-                    (opts.slo_urgency and self._slo_urgency(view, cost) >= opts.slo_urgency):
+            if (opts.urgent_ratio < math.inf and queue.urgency(view, cost) >= opts.urgent_ratio) or \
+                    (opts.slo_urgency and queue.slo_urgency(view, cost, heads) >= opts.slo_urgency):
                 preempt = "always"
-            elif self._shortest_prefill(view, cost) > max(load.tolerable_pause(i, cost, opts.pause_miss_share)
-                                                          for i in view.idle):
+            elif queue.shortest_prefill(view, cost, heads) > max(load.tolerable_pause(i, cost, opts.pause_miss_share)
+                                                                 for i in view.idle):
                 return Dispatch()  # the common case under load, decided without ordering the queue
-        order = self._order(view, cost) if opts.order == "hrrn" else list(view.waiting)
+        order = queue(view, cost)
         instances, decoding, pause = first_instances(view, cost, load, order[:opts.lookahead + 1], preempt,
                                                      opts.pause_miss_share)
         if not instances:
@@ -144,92 +119,6 @@ class LoongScheduling(SchedulingPolicy):
             room_now -= n + 1
             room_future -= req.max_kv_tokens
         return chosen
-
-
-def dispatch_order(view: ClusterView, cost: CostModel, order: str = "hrrn") -> list[RequestView]:
-    """The waiting requests in the order dispatch considers them: `fcfs`, arrival order (the
-    paper's), or `hrrn`, highest response ratio first (:class:`ResponseRatio`)."""
-    return list(ResponseRatio()(view, cost)) if order == "hrrn" else list(view.waiting)
-
-
-class ResponseRatio:
-    """Highest response ratio next: waiting requests by `(waited + T) / budget`, highest first,
-    with `T` the request's predicted prefill alone on one instance and `budget` its
-    `ttft_slo_s`, else `T`. The paper's metrics average latency normalized by length, so a short
-    prompt stuck behind a long one costs the mean far more than the reverse; the ratio grows
-    with waiting, so no request starves. The per-request terms are columns kept while the
-    queue's view is the same object (the scheduler rebuilds it only when the queue changes);
-    a queue that only grew at its back extends them."""
-
-    def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._start = self._budget = self._alone = np.empty(0)
-        self._targeted = np.empty(0, dtype=bool)
-        self.shortest = 0.0  # the shortest predicted prefill alone in the queue
-        self.any_targeted = False  # whether a request in the queue has a TTFT target
-
-    def __call__(self, view: ClusterView, cost: CostModel) -> RatioOrder:
-        self.prepare(view, cost)
-        return RatioOrder(view.waiting, np.argsort((self._start - view.now) / self._budget, kind="stable"))
-
-    def prepare(self, view: ClusterView, cost: CostModel) -> ResponseRatio:
-        waiting, key = view.waiting, self._key
-        if key is not None and key[0] is waiting and key[1] is cost:
-            return self
-        known = key[0] if key is not None and key[1] is cost else ()
-        k = len(known)
-        if 0 < k <= len(waiting) and waiting[:k] == known:
-            start, budget, alone, targeted = self._columns(waiting[k:], cost)
-            start, budget = np.concatenate((self._start, start)), np.concatenate((self._budget, budget))
-            alone, targeted = np.concatenate((self._alone, alone)), np.concatenate((self._targeted, targeted))
-        else:
-            start, budget, alone, targeted = self._columns(waiting, cost)
-        self._start, self._budget, self._alone, self._targeted = start, budget, alone, targeted
-        self._key = (waiting, cost)
-        self.shortest = float(alone.min()) if len(alone) else 0.0
-        self.any_targeted = bool(targeted.any())
-        return self
-
-    @staticmethod
-    def _columns(requests: tuple[RequestView, ...], cost: CostModel) -> tuple[np.ndarray, ...]:
-        """Per request: the time its ratio's clock starts (arrival less `T`), its budget, `T`,
-        and whether it has a TTFT target."""
-        a, b, c = cost.prefill_coefficients(1)
-        flat: list[float] = []
-        add = flat.extend
-        for r in requests:
-            add((r.arrival_s, r.prompt_len - sum(r.kv_tokens.values()) if r.kv_tokens else r.prompt_len,
-                 r.ttft_slo_s or math.nan))
-        arrival, n, target = np.array(flat, dtype=np.float64).reshape(-1, 3).T
-        alone = a + n * (b + c * n)
-        targeted = ~np.isnan(target)
-        return arrival - alone, np.where(targeted, target, alone), alone, targeted
-
-    def highest(self, now: float, with_target: bool = False) -> float:
-        """The highest response ratio in the queue (`with_target`: among prompts with a TTFT
-        target, whose ratio is the share of it used; 0 when none has one)."""
-        start, budget = self._start, self._budget
-        if with_target:
-            if not self.any_targeted:
-                return 0.0
-            start, budget = start[self._targeted], budget[self._targeted]
-        return float(((now - start) / budget).max()) if len(start) else 0.0
-
-
-class RatioOrder:
-    """A queue's requests in a precomputed order, materialized only as far as they are read."""
-
-    def __init__(self, waiting: tuple[RequestView, ...], index: np.ndarray) -> None:
-        self.waiting, self.index = waiting, index
-
-    def __getitem__(self, k: slice) -> list[RequestView]:
-        return [self.waiting[i] for i in self.index[k]]
-
-    def __iter__(self):
-        waiting, index = self.waiting, self.index
-        for part in (index[:16], index[16:]):  # dispatch mostly stops within the first few
-            for i in part.tolist():
-                yield waiting[i]
 
 
 def first_instances(view: ClusterView, cost: CostModel, load: DecodeLoad, heads: list[RequestView], preempt: str,

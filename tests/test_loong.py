@@ -12,7 +12,8 @@ from dp_oracles import brute_force
 from esp.costs.cost_model import CostModel
 from esp.policies import ClusterView, PolicyOptions, RequestView
 from esp.policies.base import Dispatch, KeepPlan
-from esp.policies.loong import LoongBatching, LoongScheduling, ResponseRatio
+from esp.policies.dispatch_order import ResponseRatio
+from esp.policies.loong import LoongBatching, LoongScheduling
 from esp.policies.loong_scaling import spread
 
 COST = CostModel({1: (0.01, 1e-4, 2e-8), 2: (0.012, 0.5e-4, 1e-8), 4: (0.015, 0.25e-4, 0.5e-8)},
@@ -93,7 +94,7 @@ def test_compute_pressure_spreads_masters_and_never_overfills_an_instance():
 # -- beyond the paper: response-ratio order, pauses decodes tolerate, consolidation, KV spread ----
 from esp.policies import PolicyError  # noqa: E402
 from esp.policies.base import Batch  # noqa: E402
-from esp.policies.loong import dispatch_order  # noqa: E402
+from esp.policies.dispatch_order import dispatch_order  # noqa: E402
 from esp.policies.loong_options import LoongOptions  # noqa: E402
 from esp.policies.loong_scaling import LoongScaling  # noqa: E402
 
@@ -111,6 +112,28 @@ def test_response_ratio_order_puts_short_prompts_first_until_a_long_one_has_wait
         got = [r.request_id for r in dispatch_order(view([long_, short], now=now), COST)]
         assert got == expected, now
     assert [r.request_id for r in dispatch_order(view([long_, short], now=9.5), COST, "fcfs")] == [2, 1]
+
+
+@pytest.mark.parametrize("name", ["hrrn", "fcfs"])
+def test_each_order_sums_up_the_queue_dispatch_may_start_from(name):
+    """What dispatch asks before it orders the queue, against the ratios written out: HRRN may
+    start with any request, FCFS only with the first `heads`."""
+    from esp.policies.dispatch_order import ORDERS
+    queue = [req(1, 20_000, arrival=0.0), RequestView(2, 1.0, 500, 0, 16, ttft_slo_s=2.0),
+             req(3, 100, arrival=2.0), RequestView(4, 2.5, 3000, 0, 16, ttft_slo_s=1.0)]
+    v = view(queue, now=3.0)
+    alone = {r.request_id: COST.prefill_time([r.prompt_len], 1) for r in queue}
+    ratio = {r.request_id: (3.0 - r.arrival_s + alone[r.request_id]) / (r.ttft_slo_s or alone[r.request_id])
+             for r in queue}
+    order = ORDERS[name]()
+    for heads in (1, 2, 4):
+        front = [r.request_id for r in queue[:heads]] if name == "fcfs" else list(ratio)
+        assert order.shortest_prefill(v, COST, heads) == pytest.approx(min(alone[i] for i in front))
+        targeted = [ratio[i] for i in front if i in (2, 4)]
+        assert order.slo_urgency(v, COST, heads) == pytest.approx(max(targeted, default=0.0))
+    assert order.urgency(v, COST) == pytest.approx(ratio[1] if name == "fcfs" else max(ratio.values()))
+    assert [r.request_id for r in order(v, COST)] == \
+        ([1, 2, 3, 4] if name == "fcfs" else sorted(ratio, key=lambda i: -ratio[i]))
 
 
 def test_a_ttft_target_replaces_the_prefill_time_as_the_budget():
