@@ -41,10 +41,6 @@ def ckpt(request, tmp_path_factory) -> Path:
     return make_random_checkpoint(tmp_path_factory.mktemp(request.param), seed=len(request.param), **overrides)
 
 
-def prompt(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), (torch.float64, 1e-10)])
 def test_logits_match_hf(ckpt, dtype, atol):
     ids = prompt(48)

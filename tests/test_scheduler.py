@@ -10,7 +10,7 @@ from esp.engine.request import Status
 from esp.engine.scheduler import Scheduler
 from esp.policies import Batch, DecodePlan, KeepPlan, PolicyOptions, load_policy_set
 from esp.policies.fcfs import GreedyScaling
-from scheduler_helpers import EOS, make_request, run_until_idle, sampled_by
+from scheduler_helpers import EOS, make_request, run_until_idle
 
 def loong():
     return load_policy_set("loong", PolicyOptions())
