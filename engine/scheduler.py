@@ -8,18 +8,17 @@ sampled tokens. The scheduler is plain synchronous code, testable on CPU with ha
 from __future__ import annotations
 
 import time
-from itertools import islice
 from dataclasses import dataclass, field, replace
-from types import MappingProxyType
 
 from esp.engine.slot_allocator import SlotAllocator
+from esp.engine.views import ViewCache
 from esp.engine.waiting_queue import WaitingQueue
 from esp.engine.protocol import (DecodeBatch, DecodeRows, KeepRange, MigrateKV, MixedBatch, PrefillBatch,
                                  PrefillSeq, SampleSpec, Step)
 from esp.engine.request import Request, Status
 from esp.engine.validation import (PolicyViolation, check_decode, check_decode_batches, check_dispatch,
                                    check_migrations, check_prefill, check_riders)
-from esp.policies.base import NO_KV, Batch, ClusterView, DecodePlan, PolicySet, RequestView, ScalingPolicy
+from esp.policies.base import Batch, ClusterView, DecodePlan, PolicySet, ScalingPolicy
 from esp.costs.cost_model import CostModel
 
 
@@ -44,11 +43,10 @@ class Scheduler:
         self.requests: dict[int, Request] = {}
         self.waiting = WaitingQueue()
         self.running: dict[int, Request] = {}
-        self._waiting_view: tuple[int, tuple[RequestView, ...], int] = (-1, (), 0)
         self.in_flight: dict[int, InFlight] = {}
         self.releases: dict[int, list[int]] = {}
         self.stuck: list[Request] = []
-        self._views: dict[int, tuple[int, RequestView]] = {}
+        self.views = ViewCache()
         self._next_step = 0
         self.recomputed_total = 0
 
@@ -60,7 +58,7 @@ class Scheduler:
                              f"of all instances ({total} slots)")
         self.requests[req.id] = req
         self.waiting.append(req)
-        self._view(req)  # built on arrival, off the decision's path
+        self.views.build(req)  # on arrival, off the decision's path
 
     def abort(self, request_id: int) -> Request | None:
         """Abort a request now (in a step, its slots are freed when the step comes back)."""
@@ -88,47 +86,8 @@ class Scheduler:
 
     # -- schedule -----------------------------------------------------------------------
     def view(self) -> ClusterView:
-        now = self.clock()
-        cache, status, running = self._views, Status.RUNNING, []
-        for r in self.running.values():
-            if r.status is status:
-                hit = cache.get(r.id)
-                running.append(hit[1] if hit is not None and hit[0] == r.version else self._view(r))
-        allocators, busy = self.allocators, self.busy
-        return ClusterView(now, tuple([a.num_slots for a in allocators]), tuple([a.num_free for a in allocators]),
-                           frozenset([i for i in range(len(allocators)) if i not in busy]),
-                           self._waiting_views(), tuple(running), self.cost_model)
-
-    def _waiting_views(self) -> tuple[RequestView, ...]:
-        epoch, views, size = self._waiting_view
-        queue = self.waiting
-        if epoch != queue.epoch:
-            if queue.mark <= epoch:  # only appended to since
-                views += self._views_of(islice(queue, size, None))
-            else:
-                views = self._views_of(queue)
-            self._waiting_view = (queue.epoch, views, len(queue))
-        return views
-
-    def _views_of(self, requests) -> tuple[RequestView, ...]:
-        """The views of the waiting ones of `requests`."""
-        cache, waiting, out = self._views, Status.WAITING, []
-        for r in requests:  # the cache check inlined: this runs over long queues
-            if r.status is waiting:
-                hit = cache.get(r.id)
-                out.append(hit[1] if hit is not None and hit[0] == r.version else self._view(r))
-        return tuple(out)
-
-    def _view(self, r: Request) -> RequestView:
-        """The request's view, built when its version (status, tokens, placement) has no cached one."""
-        output = len(r.output_ids)
-        prompt = len(r.prompt_ids) + output if r.status is Status.WAITING else len(r.prompt_ids)
-        slo, placement = r.slo, r.placement
-        view = RequestView(r.id, r.arrival, prompt, output, r.params.max_tokens,
-                           MappingProxyType({k: len(v) for k, v in placement.items()}) if placement else NO_KV,
-                           slo and slo.ttft_s, slo and slo.tpot_s, r.first_token_at)
-        self._views[r.id] = (r.version, view)
-        return view
+        return self.views.cluster(self.clock(), self.allocators, self.busy, self.waiting, self.running.values(),
+                                  self.cost_model)
 
     def schedule(self) -> tuple[list[Step], list[Request]]:
         """Steps to run now, and requests that failed because a policy broke a rule."""
@@ -498,7 +457,7 @@ class Scheduler:
         req.status = Status.FINISHED
         self._free(req)
         self.requests.pop(req.id, None)
-        self._views.pop(req.id, None)
+        self.views.forget(req.id)
 
     def _free(self, req: Request) -> None:
         """Free the request's slots; the instances that know it forget it with their next step."""
