@@ -85,9 +85,10 @@ class Scheduler:
         return bool(self.requests)
 
     # -- schedule -----------------------------------------------------------------------
-    def view(self) -> ClusterView:
-        return self.views.cluster(self.clock(), self.allocators, self.busy, self.waiting, self.running.values(),
-                                  self.cost_model)
+    def view(self, busy: set[int] | None = None) -> ClusterView:
+        """The policies' picture now; `busy`: the instances in a step, if the caller has them."""
+        return self.views.cluster(self.clock(), self.allocators, self.busy if busy is None else busy, self.waiting,
+                                  self.running.values(), self.cost_model)
 
     def schedule(self) -> tuple[list[Step], list[Request]]:
         """Steps to run now, and requests that failed because a policy broke a rule."""
@@ -100,9 +101,11 @@ class Scheduler:
             stages.append(self._schedule_decode)
             view = None
             for stage in stages:
-                if view is None and len(self.busy) == len(self.allocators):
-                    break  # no instance idle: the view (the whole queue's) is not built
-                view = view or self.view()
+                if view is None:
+                    busy = self.busy
+                    if len(busy) == len(self.allocators):
+                        break  # no instance idle: the view (the whole queue's) is not built
+                    view = self.view(busy)
                 if not view.idle:
                     break
                 new = self._guard(stage, view, failed)

@@ -33,8 +33,8 @@ class LoongOptions:
       TPOT target (0: none);
     - `keep_free`, `keep_free_after_s`: a prefill predicted to take longer than the latter leaves
       the former number of decode-free instances out, for work that arrives meanwhile (0: off;
-      from 2 s rather than 1 s, the 90%-attainment capacity rose 1.5-10% on every workload of
-      the paper suite, `docs/loong.md`);
+      from 2 s rather than 1 s, the 90%-attainment capacity rose 1.5-10% on Mixed, L-Eval,
+      LV-Eval and Zipf-1.2 and held on Zipf-1.4, `docs/loong.md`);
     - `keep_free_solo_after_s`: a prefill on one instance predicted to take longer than this
       does not take the last `keep_free` idle instances that hold no decode (on a cluster of more
       than `keep_free` instances): its prompts wait as above (inf: never; on Mixed, 150K-token

@@ -94,7 +94,7 @@ def test_compute_pressure_spreads_masters_and_never_overfills_an_instance():
 # -- beyond the paper: response-ratio order, pauses decodes tolerate, consolidation, KV spread ----
 from esp.policies import PolicyError  # noqa: E402
 from esp.policies.base import Batch  # noqa: E402
-from esp.policies.dispatch_order import dispatch_order  # noqa: E402
+from esp.policies.dispatch_order import ORDERS, dispatch_order  # noqa: E402
 from esp.policies.loong_options import LoongOptions  # noqa: E402
 from esp.policies.loong_scaling import LoongScaling  # noqa: E402
 
@@ -118,7 +118,6 @@ def test_response_ratio_order_puts_short_prompts_first_until_a_long_one_has_wait
 def test_each_order_sums_up_the_queue_dispatch_may_start_from(name):
     """What dispatch asks before it orders the queue, against the ratios written out: HRRN may
     start with any request, FCFS only with the first `heads`."""
-    from esp.policies.dispatch_order import ORDERS
     queue = [req(1, 20_000, arrival=0.0), RequestView(2, 1.0, 500, 0, 16, ttft_slo_s=2.0),
              req(3, 100, arrival=2.0), RequestView(4, 2.5, 3000, 0, 16, ttft_slo_s=1.0)]
     v = view(queue, now=3.0)
