@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from esp.cli.bench.paper import DATASETS, SYSTEMS, resolve_profile, run_point, share_slos
+from esp.cli.bench.paper import resolve_profile, run_point, share_slos
+from esp.cli.bench.paper_systems import DATASETS, SYSTEMS
 from esp.cli.bench.workload import load_dataset, make_workload
 from esp.costs.presets import load_profile
 

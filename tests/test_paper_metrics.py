@@ -8,8 +8,9 @@ import json
 import math
 
 import pytest
-from esp.cli.bench.metrics import (Crossing, RequestRecord, attainment, crossing_ratio, first_crossing,
-                                   format_ratio, normalized_latencies, paper_goodput_slo)
+from esp.cli.bench.metrics import RequestRecord
+from esp.cli.bench.paper_metrics import (Crossing, attainment, crossing_ratio, first_crossing, format_ratio,
+                                         normalized_latencies, paper_goodput_slo)
 from esp.cli.bench.workload import load_dataset
 
 
@@ -131,7 +132,8 @@ def test_traces_span_the_papers_ranges():
 
 # --------------------------------------------------------------------------- the suite
 def test_suite_quick_mode_end_to_end(tmp_path):
-    from esp.cli.bench import paper
+    from esp.cli.bench import paper, paper_report
+    from esp.cli.bench.paper_systems import DATASETS
     md = tmp_path / "results.md"
     md.write_text("# Results\n\nsomeone else's section\n")
     out = tmp_path / "fig10.json.gz"
@@ -145,7 +147,7 @@ def test_suite_quick_mode_end_to_end(tmp_path):
         assert len(runs) >= 2 and runs == sorted(runs, key=lambda p: p["rate"])
         for p in runs:  # per-request records, enough to recompute every metric
             recs = p["records"]
-            assert len(recs["input_len"]) == paper.DATASETS["mixed"].quick_requests
+            assert len(recs["input_len"]) == DATASETS["mixed"].quick_requests
             assert set(recs) >= {"arrival_s", "input_len", "output_len", "ttft_s", "end_s", "tpot_s", "error"}
             lat = normalized_latencies([RequestRecord.from_dict(dict(zip(recs, row)))
                                         for row in zip(*recs.values())])
@@ -155,7 +157,7 @@ def test_suite_quick_mode_end_to_end(tmp_path):
     assert text.startswith("# Results\n\nsomeone else's section\n")
     assert "<!-- paper-fig10 -->" in text and "paper 2.66x" in text and "loong 4xTP2 (ours)" in text
     # a second run replaces the block rather than appending another
-    paper.update_results_md(md, paper.Result("fig10", {2: "x"}, {}, 1.0, True, "cmd"))
+    paper_report.update_results_md(md, paper.Result("fig10", {2: "x"}, {}, 1.0, True, "cmd"))
     assert md.read_text().count("<!-- paper-fig10 -->") == 1
     # the JSON renders again, every metric recomputed from its records
     (back,) = paper.read_json(out)
@@ -177,6 +179,7 @@ def test_suite_through_esp_run_bench(capsys):
 
 def test_share_metrics_use_the_papers_and_the_projects_slo():
     from esp.cli.bench import paper
+    from esp.cli.bench.paper_systems import DATASETS, threshold
     from esp.costs.presets import load_profile
     tp2 = load_profile("a800-lwm7b-tp2")
     slos = paper.share_slos(tp2)
@@ -184,7 +187,7 @@ def test_share_metrics_use_the_papers_and_the_projects_slo():
         assert slos["p90"].ttft_limit(n) == pytest.approx(max(15.0, 25 * tp2.prefill_time([n], 4)))
         assert slos["attain"].ttft_limit(n) == pytest.approx(max(0.25, 5 * tp2.prefill_time([n], 1)))
     assert (slos["p90"].tpot_s, slos["attain"].tpot_s) == (0.05, 0.1)
-    assert paper.threshold(paper.DATASETS["mixed"], "attain") == (0.9, True)
+    assert threshold(DATASETS["mixed"], "attain") == (0.9, True)
 
 
 def test_loong_ablation_runs_every_variant_and_writes_its_block(tmp_path):

@@ -25,7 +25,7 @@ Metrics, from the per-request records of each run (LoongServe's ``ae-plot-fig-10
 
 - **capacity** (Fig. 10, 13): the rate where the mean normalized latency (per-token
   E2E/(in+out), input TTFT/in, output TPOT) first crosses the dataset's SLO (:data:`DATASETS`),
-  by linear interpolation (:func:`~esp.cli.bench.metrics.first_crossing`);
+  by linear interpolation (:func:`~esp.cli.bench.paper_metrics.first_crossing`);
 - **P90 goodput** (Fig. 12, and every dataset here): the rate where the share of requests with
   TTFT <= max(25 x the predicted solo prefill at SP4TP2, 15 s) and TPOT <= 50 ms first falls
   under 90%;
@@ -47,105 +47,20 @@ import argparse
 import gzip
 import json
 import math
-import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from esp.cli.bench.metrics import (SLO, Crossing, RequestRecord, attainment, crossing_ratio, first_crossing,
-                                   format_ratio, normalized_latencies, paper_goodput_slo)
+from esp.cli.bench.metrics import SLO, RequestRecord
+from esp.cli.bench.paper_metrics import Crossing, attainment, first_crossing, normalized_latencies, paper_goodput_slo
+from esp.cli.bench.paper_report import plot, print_table, update_results_md
+from esp.cli.bench.paper_systems import (DATASETS, FIGURES, LATENCY_METRICS, SHARE_METRICS, SYSTEMS, DatasetSpec,
+                                         System, metrics_of, threshold)
 from esp.cli.bench.workload import TraceRequest, load_dataset, make_workload
 from esp.costs.presets import load_profile
-
-LATENCY_METRICS = ("per_token", "input", "output")
-METRIC_LABEL = {"per_token": "per-token capacity", "input": "input capacity", "output": "output capacity",
-                "p90": "P90 goodput", "attain": "90% attainment (esp SLO)"}
-GOODPUT_TARGET = 0.9
-#: metrics that are a share of requests within an SLO, and the share each must keep
-SHARE_METRICS = {"p90": GOODPUT_TARGET, "attain": 0.9}
-#: loong without decode scale-up (Fig. 13): no instance is ever added to a decode batch, so a
-#: request whose holders are full waits, and is recomputed when nothing else can run.
-NO_SCALE_UP = {"scale_up": False}
-
-
-@dataclass(frozen=True)
-class System:
-    key: str
-    label: str
-    policy: str
-    tp: int
-    instances: int
-    options: Mapping = field(default_factory=dict)
-    chunked: bool = False
-    serves_slo: bool = False  # the engine is given the project's SLO as its own (`EngineConfig.slo`)
-
-
-SYSTEMS = {s.key: s for s in (
-    System("loong", "loong 4xTP2", "loong", 2, 4),
-    System("vllm-tp8", "vLLM-like 1xTP8", "replicas", 8, 1),
-    System("chunked-tp8", "chunked 1xTP8", "chunked", 8, 1, chunked=True),
-    System("disagg-tp4", "disagg TP4+TP4", "disagg", 4, 2, {"prefill_instances": 1, "decode_instances": 1}),
-    System("static-sp4tp2", "static TP2.SP4", "static-sp", 2, 4),
-    System("replicas-tp2x4", "replicas TP2x4", "replicas", 2, 4),
-    System("loong-no-scaleup", "loong w/o scale-up", "loong", 2, 4, NO_SCALE_UP),
-    System("loong-fcfs", "loong, FCFS order", "loong", 2, 4, {"order": "fcfs"}),
-    System("loong-slo", "loong serving the esp SLO", "loong", 2, 4, serves_slo=True),
-)}
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    name: str
-    slo_ms: tuple[float, float, float] | None  # per-token, input, output (ms/token); None: P90 goodput only
-    chunk: int
-    requests: int
-    quick_requests: int = 24
-
-
-DATASETS = {d.name: d for d in (
-    DatasetSpec("sharegpt", (92.0, 20.0, 320.0), 256, 500),
-    DatasetSpec("leval", (3.5, 1.8, 320.0), 2048, 500),
-    DatasetSpec("lveval", (2.5, 2.5, 365.0), 16384, 300),
-    DatasetSpec("mixed", (70.0, 90.0, 360.0), 2048, 500),
-    DatasetSpec("zipf-1.0", None, 512, 800),
-    DatasetSpec("zipf-1.2", None, 512, 800),
-    DatasetSpec("zipf-1.4", None, 512, 800),
-)}
-
-
-@dataclass(frozen=True)
-class Figure:
-    datasets: tuple[str, ...]
-    systems: tuple[str, ...]  # the first is the one the others are compared against
-    title: str
-
-
-FIGURES = {
-    "fig10": Figure(("sharegpt", "leval", "lveval", "mixed"),
-                    ("loong", "vllm-tp8", "chunked-tp8", "disagg-tp4", "static-sp4tp2", "replicas-tp2x4", "loong-fcfs",
-                     "loong-slo"),
-                    "Fig. 10: end-to-end, loong against vLLM, chunked prefill, disaggregation and static "
-                    "TP2 configurations"),
-    "fig12": Figure(("zipf-1.0", "zipf-1.2", "zipf-1.4"), ("loong", "vllm-tp8", "static-sp4tp2", "replicas-tp2x4"),
-                    "Fig. 12: ablation, ESP against static parallelism on Zipf mixes"),
-    "fig13": Figure(("mixed", "lveval"), ("loong", "loong-no-scaleup"),
-                    "Fig. 13: ablation of decode scale-up"),
-}
-
-#: LoongServe's reported ratios, loong over each baseline: (dataset or "zipf", metric, baseline) -> text
-PAPER = {
-    ("mixed", "per_token", "vllm-tp8"): "2.66x", ("mixed", "per_token", "chunked-tp8"): "3.85x",
-    ("mixed", "per_token", "disagg-tp4"): "OOM",
-    ("mixed", "input", "vllm-tp8"): "2.40x", ("mixed", "input", "chunked-tp8"): "3.37x",
-    ("leval", "per_token", "vllm-tp8"): "2.11x", ("leval", "per_token", "chunked-tp8"): "1.96x",
-    ("leval", "per_token", "disagg-tp4"): "5.81x",
-    ("zipf", "p90", "replicas-tp2x4"): "1.75-3.12x", ("zipf", "p90", "static-sp4tp2"): "1.53-3.12x*",
-}
-PAPER_NOTES = ("*: issue 11's range for TP2.SP4 and TP2 x 4 together; the paper's Zipf ratios are "
-               "a range over alpha 1.0, 1.2, 1.4, not per alpha.")
 
 
 # --------------------------------------------------------------------------- profiles
@@ -233,17 +148,6 @@ def share_slos(tp2_cost) -> dict[str, SLO]:
 
 
 # --------------------------------------------------------------------------- the rate ladder
-def threshold(dataset: DatasetSpec, metric: str) -> tuple[float, bool]:
-    """(threshold, higher_is_better) of a metric on a dataset."""
-    if metric in SHARE_METRICS:
-        return SHARE_METRICS[metric], True
-    return dataset.slo_ms[LATENCY_METRICS.index(metric)] / 1e3, False
-
-
-def metrics_of(dataset: DatasetSpec) -> tuple[str, ...]:
-    return (LATENCY_METRICS if dataset.slo_ms else ()) + tuple(SHARE_METRICS)
-
-
 def crossing(points: Sequence[Point], dataset: DatasetSpec, metric: str) -> Crossing | None:
     thr, higher = threshold(dataset, metric)
     return first_crossing([p.rate for p in points], [p.value(metric) for p in points], thr, higher)
@@ -354,60 +258,6 @@ def run_figure(name: str, *, quick: bool = False, datasets: Sequence[str] | None
     return Result(name, {tp: how[tp] for tp in profiles}, curves, time.perf_counter() - t0, quick, command)
 
 
-def table_rows(result: Result) -> list[list[str]]:
-    """One row per (dataset, metric): ours for each system, loong's ratio over each baseline and
-    the paper's ratio beside it."""
-    fig = FIGURES[result.figure]
-    datasets = sorted({d for d, _ in result.curves}, key=list(DATASETS).index)
-    systems = [s for s in fig.systems if any(k == s for _, k in result.curves)]
-    if not systems:
-        return []
-    base, others = systems[0], systems[1:]
-    rows = []
-    for d in datasets:
-        for m in metrics_of(DATASETS[d]):
-            ref = result.capacity(d, base, m)
-            row = [d, METRIC_LABEL[m], "n/a" if ref is None else str(ref)]
-            for o in others:
-                c = result.capacity(d, o, m)
-                paper = PAPER.get(("zipf" if d.startswith("zipf") else d, m, o), "-")
-                row.append(f"{'n/a' if c is None else c} ({format_ratio(crossing_ratio(ref, c))}; paper {paper})")
-            rows.append(row)
-    return rows
-
-
-def markdown(result: Result) -> str:
-    """The figure's table for docs/results.md. Each baseline cell: its value (loong's ratio over it;
-    the paper's ratio); `>=x`: never crossed up to the highest rate run; `<x`: already over at the
-    lowest; a ratio `open`: both sides are open bounds."""
-    fig = FIGURES[result.figure]
-    systems = [s for s in fig.systems if any(k == s for _, k in result.curves)]
-    head = ["dataset", "metric (req/s)"] + [SYSTEMS[s].label + ("" if i else " (ours)")
-                                              for i, s in enumerate(systems)]
-    lines = [f"**{fig.title}**: {'quick mode, ' if result.quick else ''}{result.wall_s / 60:.1f} min of wall time"
-             + (f" (`{result.command}`)" if result.command else "") + "; profiles "
-             + ", ".join(f"TP{tp} `{how}`" for tp, how in sorted(result.profiles.items())) + ".", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(row) + " |" for row in table_rows(result)]
-    if any(PAPER.get(k) for k in PAPER if k[2] in systems and k[0] == "zipf") and result.figure == "fig12":
-        lines += ["", PAPER_NOTES]
-    return "\n".join(lines) + "\n"
-
-
-def print_table(result: Result, out=None) -> None:
-    out = out or sys.stdout
-    fig = FIGURES[result.figure]
-    systems = [s for s in fig.systems if any(k == s for _, k in result.curves)]
-    head = ["dataset", "metric"] + [SYSTEMS[s].label for s in systems]
-    rows = table_rows(result)
-    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
-    print(f"\n{fig.title} ({result.wall_s:.0f} s wall)", file=out)
-    for r in [head] + rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)), file=out)
-    if result.figure == "fig12":
-        print(PAPER_NOTES, file=out)
-
-
 def to_json(result: Result) -> dict:
     return {"figure": result.figure, "quick": result.quick, "wall_s": result.wall_s, "profiles": result.profiles,
             "command": result.command,
@@ -450,33 +300,6 @@ def write_json(path: str | Path, results: Sequence[Result]) -> None:
             f.write(data)
     else:
         path.write_text(data, encoding="utf-8")
-
-
-def update_results_md(path: str | Path, result: Result) -> None:
-    """Replace the block between `<!-- paper-FIG -->` and `<!-- /paper-FIG -->` in `path` (appended
-    at the end when absent); nothing else in the file changes."""
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    begin, end = f"<!-- paper-{result.figure} -->", f"<!-- /paper-{result.figure} -->"
-    block = f"{begin}\n{markdown(result)}{end}"
-    if begin in text and end in text:
-        text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text, encoding="utf-8")
-
-
-def plot(result: Result, out_png: str | Path) -> str:
-    """Each metric over its SLO against the rate, one panel per (dataset, metric) (plot.plot_paper)."""
-    from esp.cli.bench.plot import plot_paper
-    curves: dict = {}
-    limits: dict = {}
-    for (d, s), pts in result.curves.items():
-        spec = DATASETS[d]
-        limits[d] = {METRIC_LABEL[m]: threshold(spec, m) for m in metrics_of(spec)}
-        curves.setdefault(d, {})[SYSTEMS[s].label] = [
-            (p.rate, {METRIC_LABEL[m]: p.value(m) for m in metrics_of(spec)}) for p in pts]
-    return plot_paper(curves, limits, str(out_png), FIGURES[result.figure].title)
 
 
 def add_suite_flags(p: argparse.ArgumentParser) -> None:

@@ -270,7 +270,8 @@ def print_table(results: dict, sweep: dict, out=sys.stdout) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.suite:
-        from esp.cli.bench.paper import FIGURES, run_suite
+        from esp.cli.bench.paper import run_suite
+        from esp.cli.bench.paper_systems import FIGURES
         name = args.suite.removeprefix("paper-")
         figures = list(FIGURES) if name == "all" else [name]
         command = f"esp-run bench --suite {args.suite}" + " --quick" * args.quick
