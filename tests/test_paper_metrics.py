@@ -208,3 +208,19 @@ def test_loong_ablation_runs_every_variant_and_writes_its_block(tmp_path):
     text = doc.read_text()
     assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
     assert text.count("| mixed @ 0.4 |") == len(ablation.VARIANTS)
+
+
+def test_loong_options_reach_every_loong_system():
+    """`--loong-option order=fcfs` makes `loong` dispatch as `loong-fcfs` does: the same records,
+    where without it the two orders serve the same requests differently."""
+    from esp.cli.bench import paper
+
+    def records(options):
+        res = paper.run_figure("fig10", quick=True, datasets=["mixed"], systems=["loong", "loong-fcfs"],
+                               loong_options=options, log=None)
+        return [[p.records for p in res.curves[("mixed", s)]] for s in ("loong", "loong-fcfs")]
+
+    hrrn, fcfs = records({})
+    assert hrrn != fcfs
+    as_fcfs, fcfs_again = records({"order": "fcfs"})
+    assert as_fcfs == fcfs == fcfs_again

@@ -50,7 +50,7 @@ import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +60,7 @@ from esp.cli.bench.paper_report import plot, print_table, update_results_md
 from esp.cli.bench.paper_systems import (DATASETS, FIGURES, LATENCY_METRICS, SHARE_METRICS, SYSTEMS, DatasetSpec,
                                          System, metrics_of, threshold)
 from esp.cli.bench.workload import TraceRequest, load_dataset, make_workload
+from esp.cli.main import policy_option
 from esp.costs.presets import load_profile
 
 
@@ -230,7 +231,9 @@ class Result:
 
 def run_figure(name: str, *, quick: bool = False, datasets: Sequence[str] | None = None,
                systems: Sequence[str] | None = None, requests: int | None = None, seed: int = 0,
-               log=print, tmpdir: Path | None = None, command: str = "") -> Result:
+               loong_options: Mapping | None = None, log=print, tmpdir: Path | None = None,
+               command: str = "") -> Result:
+    """`loong_options`: policy options added to every loong system's (e.g. another TPOT target)."""
     fig = FIGURES[name]
     log = log or (lambda _: None)
     t0 = time.perf_counter()
@@ -252,7 +255,10 @@ def run_figure(name: str, *, quick: bool = False, datasets: Sequence[str] | None
         n = requests or (spec.quick_requests if quick else spec.requests)
         r0 = start_rate(spec, tp2_cost)
         for key in systems:
-            curves[(d, key)] = sweep(SYSTEMS[key], profiles[SYSTEMS[key].tp], spec, r0, n, slos, seed=seed,
+            system = SYSTEMS[key]
+            if loong_options and system.policy == "loong":
+                system = replace(system, options=dict(system.options) | dict(loong_options))
+            curves[(d, key)] = sweep(system, profiles[system.tp], spec, r0, n, slos, seed=seed,
                                      max_up=3 if quick else 9, max_down=1 if quick else 5, refine=not quick,
                                      factor=2.0 if quick else 1.5, log=log)
     return Result(name, {tp: how[tp] for tp in profiles}, curves, time.perf_counter() - t0, quick, command)
@@ -307,6 +313,8 @@ def add_suite_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--datasets", help="comma-separated subset of the figure's datasets")
     p.add_argument("--systems", help="comma-separated subset of the figure's systems (the first is compared)")
     p.add_argument("--requests", type=int, help="requests per run (default: per dataset)")
+    p.add_argument("--loong-option", type=policy_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="a policy option added to every loong system's (repeatable), e.g. tpot_target_s=0.07")
     p.add_argument("--results-md", metavar="MD", help="write the table into this markdown file's paper block")
     p.add_argument("--plot-dir", metavar="DIR", help="write paper-FIG.png there (needs matplotlib)")
     p.add_argument("--from-json", metavar="IN", help="render the tables (and --results-md, --plot-dir) of an earlier "
@@ -325,7 +333,8 @@ def run_suite(figures: Sequence[str], args: argparse.Namespace, command: str, lo
             res = run_figure(name, quick=args.quick, seed=getattr(args, "seed", 0) or 0,
                              datasets=args.datasets.split(",") if args.datasets else None,
                              systems=args.systems.split(",") if args.systems else None,
-                             requests=args.requests, log=log, command=command)
+                             requests=args.requests, loong_options=dict(args.loong_option), log=log,
+                             command=command)
         print_table(res)
         results.append(res)
         if args.plot_dir:
