@@ -12,10 +12,10 @@ from __future__ import annotations
 import enum
 import time
 from array import array
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
+from esp.engine.esp_record import EspRecord
 from esp.engine.outputs import RequestOutput, Timing
 from esp.engine.sampling_params import SamplingParams
 from esp.engine.slo import LatencySLO
@@ -30,24 +30,6 @@ class Status(enum.Enum):
 
 
 IN_STEP = frozenset({Status.PREFILLING, Status.DECODING})
-
-
-@dataclass
-class EspRecord:
-    """What ESP did with a request (`usage.esp`), filled in as its steps complete."""
-
-    prefill: list[dict] = field(default_factory=list)
-    decode_groups: Counter = field(default_factory=Counter)
-    masters: Counter = field(default_factory=Counter)
-    scale_events: list[dict] = field(default_factory=list)
-    preemptions: int = 0
-
-    def summary(self, recomputed: int) -> dict:
-        last = self.prefill[-1] if self.prefill else None
-        return {"prefill_group": last["group"] if last else None, "keep_plan": last["keep"] if last else None,
-                "decode_groups": {",".join(map(str, g)): n for g, n in self.decode_groups.items()},
-                "masters": {str(m): n for m, n in self.masters.items()}, "scale_events": list(self.scale_events),
-                "preemptions": self.preemptions, "recomputed": recomputed}
 
 
 @dataclass(eq=False)

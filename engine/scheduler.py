@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 
+from esp.engine.esp_record import EspEvent, MigrationEvent, PrefillPlacement, ScaleUpEvent
 from esp.engine.slot_allocator import SlotAllocator
 from esp.engine.views import ViewCache
 from esp.engine.waiting_queue import WaitingQueue
@@ -28,7 +29,7 @@ class InFlight:
 
     step: Step
     request_ids: tuple[int, ...]
-    records: dict[int, list[dict]] = field(default_factory=dict)
+    records: dict[int, list[EspEvent]] = field(default_factory=dict)
 
 
 class Scheduler:
@@ -185,10 +186,8 @@ class Scheduler:
                 req.add_slots(rank, slots)
                 keep.append(KeepRange(rank, start, start + n, slots))
                 start += n
-            record = {"group": list(batch.group), "keep": {str(r): n for r, n in ranges[rid]}}
-            if first or not final:
-                record["chunk"] = [first, end]
-            records[rid] = [record]
+            records[rid] = [PrefillPlacement(batch.group, tuple(ranges[rid]),
+                                             (first, end) if first or not final else None)]
             seqs.append(PrefillSeq(rid, req.token_slice(first, end), tuple(keep),
                                    self._sample_spec(req) if final else None, first))
         ids = batch.request_ids
@@ -227,7 +226,7 @@ class Scheduler:
 
     def _decode_step(self, batch: Batch, plan: DecodePlan) -> DecodeBatch:
         steps = self._decode_steps(plan)
-        records: dict[int, list[dict]] = {}
+        records: dict[int, list[EspEvent]] = {}
         rows, sampling = self._decode_rows(batch.request_ids, plan, steps, records)
         return self._launch(DecodeBatch(self._step_id(), tuple(plan.group), rows, steps, sampling),
                             Batch(tuple(rows.request_ids), tuple(plan.group)), records)
@@ -244,7 +243,7 @@ class Scheduler:
         return max(1, min(self.decode_steps, left, room))
 
     def _decode_rows(self, request_ids: tuple[int, ...], plan: DecodePlan, steps: int = 1,
-                     records: dict[int, list[dict]] | None = None) -> tuple[DecodeRows, dict]:
+                     records: dict[int, list[EspEvent]] | None = None) -> tuple[DecodeRows, dict]:
         """The batch's rows, and `(params, seed)` of the requests whose master has not got them;
         a master that holds none of a request's KV yet is a scale-up, noted in `records`."""
         rows, sampling = DecodeRows(), {}
@@ -255,7 +254,7 @@ class Scheduler:
             slots = self.allocators[master].allocate(steps)
             position = req.num_kv
             if master not in req.placement and records is not None:
-                records.setdefault(rid, []).append({"kind": "scale_up", "rank": master, "at_token": position})
+                records.setdefault(rid, []).append(ScaleUpEvent(master, position))
             req.add_slots(master, slots)
             req.enter_step()
             if master not in req.sampling_on:
@@ -286,15 +285,14 @@ class Scheduler:
         dst_slots = self.allocators[dst].allocate(tokens)
         req.enter_step()
         step = MigrateKV(self._step_id(), request_id, src, dst, src_slots, dst_slots, chunk)
-        event = {"kind": "migrate", "src": src, "dst": dst, "tokens": tokens}
-        return self._launch(step, Batch((request_id,), step.group), {request_id: [event]})
+        return self._launch(step, Batch((request_id,), step.group), {request_id: [MigrationEvent(src, dst, tokens)]})
 
-    def _complete_migration(self, move: MigrateKV, records: dict[int, list[dict]]) -> Request:
+    def _complete_migration(self, move: MigrateKV, records: dict[int, list[EspEvent]]) -> Request:
         req = self.requests[move.request_id]
         self.allocators[move.src].free(req.drop_last(move.src, len(move.src_slots)))
         req.add_slots(move.dst, move.dst_slots)
         req.leave_step(sampled=False)
-        _record(req, records.get(req.id, ()))
+        req.esp.record(records.get(req.id, ()))
         if req.finish_reason:
             self._finish(req, req.finish_reason)
         return req
@@ -373,7 +371,7 @@ class Scheduler:
                     self._free_unused(req, step, row[1], produced)
                 req.esp.decode_groups[tuple(step.group)] += produced
                 req.esp.masters[row[1]] += produced
-            _record(req, flight.records.get(rid, ()))
+            req.esp.record(flight.records.get(rid, ()))
             samples = rid in expected
             req.leave_step(samples)
             if req.finish_reason:
@@ -434,7 +432,7 @@ class Scheduler:
         self.waiting.extend(sorted(self.requests.values(), key=lambda r: (r.arrival, r.id)))
 
     # -- helpers ------------------------------------------------------------------------
-    def _launch(self, step: Step, batch: Batch, records: dict[int, list[dict]] | None = None) -> Step:
+    def _launch(self, step: Step, batch: Batch, records: dict[int, list[EspEvent]] | None = None) -> Step:
         """Put the step in flight (its instances are busy until it completes); the releases
         pending for its members ride on it."""
         released = {r: tuple(self.releases.pop(r)) for r in step.group if r in self.releases}
@@ -472,9 +470,3 @@ class Scheduler:
 
     def free_slots(self) -> list[int]:
         return [a.num_free for a in self.allocators]
-
-
-def _record(req: Request, records) -> None:
-    """A completed step's records: prefill placements (with a group) and scale events (with a kind)."""
-    for record in records:
-        (req.esp.prefill if "group" in record else req.esp.scale_events).append(record)

@@ -35,7 +35,7 @@ def test_a_long_prompt_runs_in_budget_sized_chunks_with_decodes_riding_along():
     assert all(list(st.decode.request_ids) == [1] for st in mixed)
     assert [q.sample is not None for st in mixed for q in st.seqs] == [False, False, True]
     assert mixed[1].seqs[0].token_ids == long_.prompt_ids[15:30]
-    assert long_.esp.prefill[-1]["chunk"] == [30, 40]
+    assert long_.esp.prefill[-1].chunk == (30, 40)
     assert short.output_ids == [5] * 8 and long_.output_ids == [5, 5]
     assert s.free_slots() == [200] and not s.requests
 

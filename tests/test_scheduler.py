@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import pytest
 
+from esp.engine.esp_record import ScaleUpEvent
 from esp.engine.protocol import DecodeBatch, PrefillBatch
 from esp.engine.request import Status
 from esp.engine.scheduler import Scheduler
@@ -80,7 +81,7 @@ def test_decode_scales_up_onto_an_idle_instance_when_holders_are_full():
     assert seq.master != holder and set(seq.holders) == {0, 1}
     assert not r.esp.scale_events  # recorded when the step completes
     s.complete(steps[0].step_id, {1: 5})
-    assert r.esp.scale_events[0]["kind"] == "scale_up" and r.esp.masters == {seq.master: 1}
+    assert r.esp.scale_events == [ScaleUpEvent(seq.master, 8)] and r.esp.masters == {seq.master: 1}  # from token 8 on
     run_until_idle(s)
     assert s.free_slots() == [8, 8]
 
