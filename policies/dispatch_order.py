@@ -43,13 +43,16 @@ class ArrivalOrder:
         return min(cost.prefill_time([r.remaining_prompt], 1) for r in view.waiting[:heads])
 
     def urgency(self, view: ClusterView, cost: CostModel) -> float:
-        head = view.waiting[0]
-        alone = cost.prefill_time([head.remaining_prompt], 1)
-        return (view.now - head.arrival_s + alone) / (head.ttft_slo_s or alone)
+        return _ratio(view.now, cost, view.waiting[0])
 
     def slo_urgency(self, view: ClusterView, cost: CostModel, heads: int = 1) -> float:
-        return max(((view.now - r.arrival_s + cost.prefill_time([r.remaining_prompt], 1)) / r.ttft_slo_s
-                    for r in view.waiting[:heads] if r.ttft_slo_s), default=0.0)
+        return max((_ratio(view.now, cost, r) for r in view.waiting[:heads] if r.ttft_slo_s), default=0.0)
+
+
+def _ratio(now: float, cost: CostModel, r: RequestView) -> float:
+    """One request's response ratio, `(waited + T) / budget` (:class:`ResponseRatio`)."""
+    alone = cost.prefill_time([r.remaining_prompt], 1)
+    return (now - r.arrival_s + alone) / (r.ttft_slo_s or alone)
 
 
 class ResponseRatio:

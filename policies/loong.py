@@ -53,7 +53,7 @@ class LoongScheduling(SchedulingPolicy):
                                                                  for i in view.idle):
                 return Dispatch()  # the common case under load, decided without ordering the queue
         order = queue(view, cost)
-        instances, decoding, pause = first_instances(view, cost, load, order[:opts.lookahead + 1], preempt,
+        instances, decoding, pause = first_instances(view, cost, load, order[:heads], preempt,
                                                      opts.pause_miss_share)
         if not instances:
             return Dispatch()
